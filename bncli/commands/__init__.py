@@ -1,0 +1,1 @@
+"""One module per command; each parses flags, calls the core and renders the result."""

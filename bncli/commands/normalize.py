@@ -1,0 +1,127 @@
+"""``bncli normalize``: apply nn.BatchNorm2d to a tensor file and write the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bncli.commands.common import (
+    AffineOpt,
+    BiasOpt,
+    Device,
+    DeviceOpt,
+    EpsOpt,
+    InputArg,
+    JsonOpt,
+    KeyOpt,
+    Layout,
+    LayoutOpt,
+    Mode,
+    ModeOpt,
+    MomentumOpt,
+    NumFeaturesOpt,
+    PrefixOpt,
+    StateOpt,
+    TrackOpt,
+    WeightOpt,
+    finite_or_none,
+    handle_errors,
+    parse_momentum,
+    print_json,
+)
+
+
+@handle_errors
+def normalize(
+    input: InputArg,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Where to write; the extension picks the format. "
+                               "Default: INPUT's name with .bn before the extension, beside it.")] = None,
+    key: KeyOpt = None,
+    mode: ModeOpt = Mode.train,
+    layout: LayoutOpt = Layout.nchw,
+    eps: EpsOpt = 1e-5,
+    momentum: MomentumOpt = "0.1",
+    affine: AffineOpt = True,
+    track_running_stats: TrackOpt = True,
+    num_features: NumFeaturesOpt = None,
+    weight: WeightOpt = None,
+    bias: BiasOpt = None,
+    state: StateOpt = None,
+    prefix: PrefixOpt = None,
+    save_state: Annotated[Path | None, typer.Option(
+        "--save-state", metavar="FILE",
+        help="Write the layer's state_dict after this step (.pt/.safetensors), loadable "
+             "with nn.BatchNorm2d.load_state_dict.")] = None,
+    device: DeviceOpt = Device.cpu,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Normalize INPUT exactly as torch.nn.BatchNorm2d would.
+
+    Reports shapes and per-channel mean/std before and after. The input is never modified; the output is written atomically (no partial file on
+    failure or Ctrl-C) and an existing output is kept unless --force. The dtype is kept.
+
+    Examples:
+
+        bncli normalize batch.npy                      # train mode -> batch.bn.npy
+
+        bncli normalize batch.npy --mode eval --state resnet.pt --prefix layer1.0.bn1
+
+        bncli normalize images_nhwc.npy --layout nhwc -o out.pt --json
+    """
+    from bncli import core, io
+
+    opts = core.EngineOptions(
+        eps=eps, momentum=parse_momentum(momentum), affine=affine,
+        track_running_stats=track_running_stats, num_features=num_features, state=state,
+        prefix=prefix, weight=weight, bias=bias, device=device.value)
+    result = core.normalize_file(
+        input, output or io.default_output(input), key=key, mode=mode.value, layout=layout.value,
+        opts=opts, force=force, save_state=save_state)
+    if as_json:
+        print_json(_to_json(result))
+    else:
+        _render(result)
+
+
+def _to_json(r: Any) -> dict[str, Any]:
+    def lst(a: Any) -> list[float | None]:
+        return [finite_or_none(float(v)) for v in a]
+
+    state = {k: (v.tolist() if v.ndim else v.item()) for k, v in r.state.items()}
+    return {
+        "input": str(r.input), "output": str(r.output), "key": r.key, "shape": list(r.shape),
+        "dtype": r.dtype, "mode": r.mode, "layout": r.layout, "device": r.device,
+        "state_source": r.source.description,
+        "ignored_state_keys": r.source.ignored_keys,
+        "save_state": str(r.state_path) if r.state_path else None,
+        "channels": [
+            {"channel": i, "mean_before": mb, "std_before": sb, "mean_after": ma, "std_after": sa}
+            for i, (mb, sb, ma, sa) in enumerate(zip(lst(r.mean_before), lst(r.std_before),
+                                                     lst(r.mean_after), lst(r.std_after), strict=True))
+        ],
+        "state": state,
+    }
+
+
+def _render(r: Any) -> None:
+    from bncli.render import console, kv_line, normalize_table
+
+    out = console()
+    out.print(kv_line([("input", str(r.input) + (f" [{r.key}]" if r.key else "")),
+                       ("shape", str(r.shape)), ("dtype", r.dtype), ("layout", r.layout)]))
+    out.print(kv_line([("mode", r.mode), ("device", r.device), ("state", r.source.description)]))
+    cols = [("mean before", r.mean_before), ("std before", r.std_before),
+            ("mean after", r.mean_after), ("std after", r.std_after)]
+    title = "Per-channel statistics (biased std, as BatchNorm uses)"
+    out.print(normalize_table(len(r.mean_before), cols, title))
+    if "num_batches_tracked" in r.state:
+        out.print(kv_line([("num_batches_tracked", str(int(r.state["num_batches_tracked"])))]))
+    out.print(kv_line([("wrote", str(r.output))] +
+                      ([("state", str(r.state_path))] if r.state_path else [])))
+    if r.source.ignored_keys:
+        console(stderr=True).print(f"[yellow]Note:[/] ignored state keys {r.source.ignored_keys} "
+                                   "(not used with these options).")

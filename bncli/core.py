@@ -1,0 +1,270 @@
+"""The operations behind the commands: files in, engine, results out (as data).
+
+Commands call these and render what they return; nothing here prints or knows typer/rich.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bncli import io
+from bncli.engine import STATE_KEYS, BatchNormConfig, BatchNormEngine, resolve_device, validate_input
+from bncli.errors import ShapeError, StateError
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Everything the user can say about the BatchNorm2d layer (flags of normalize/compare)."""
+
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+    affine: bool = True
+    track_running_stats: bool = True
+    num_features: int | None = None
+    state: Path | None = None
+    prefix: str | None = None
+    weight: str | None = None
+    bias: str | None = None
+    device: str = "cpu"
+
+
+@dataclass
+class LayerSource:
+    """Where the engine's state came from, for the report."""
+
+    description: str
+    ignored_keys: list[str] = field(default_factory=list)
+
+
+def bn_layers(state: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """The BatchNorm layers in a flat state_dict as (prefix, num_features).
+
+    A layer is a prefix with both ``running_mean`` and ``running_var`` (prefix ``""`` for
+    a bare BatchNorm2d state_dict).
+    """
+    layers = []
+    for key, value in state.items():
+        if key == "running_mean" or key.endswith(".running_mean"):
+            prefix = key[: -len("running_mean")].rstrip(".")
+            if f"{prefix}.running_var" in state or (not prefix and "running_var" in state):
+                layers.append((prefix, int(value.numel())))
+    return layers
+
+
+def _layer_listing(layers: list[tuple[str, int]], limit: int = 20) -> str:
+    shown = ", ".join(f"{p or '(top level)'} [C={c}]" for p, c in layers[:limit])
+    return shown + (f", ... ({len(layers)} in all)" if len(layers) > limit else "")
+
+
+def select_layer(state: Mapping[str, torch.Tensor], prefix: str | None,
+                 source: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Pick one BatchNorm layer's tensors out of a state_dict or whole-model checkpoint.
+
+    Returns:
+        The layer's tensors under bare keys (``weight``, ``running_mean`` ...) and its prefix.
+
+    Raises:
+        StateError: No such layer; the message lists the layers the file holds.
+    """
+    layers = bn_layers(state)
+    names = [p for p, _ in layers]
+    if prefix is not None:
+        prefix = prefix.rstrip(".")
+        candidates = [prefix, f"module.{prefix}", f"model.{prefix}", f"state_dict.{prefix}"]
+        found = next((c for c in candidates if c in names), None)
+        if found is None:
+            near = [p for p in names if p.endswith(prefix) or prefix in p]
+            hint = (f"Did you mean {near[0]!r}? " if near else "") + (
+                f"BatchNorm layers in this file: {_layer_listing(layers)}." if layers
+                else "This file holds no BatchNorm layer (no *.running_mean/*.running_var keys).")
+            raise StateError(f"{source}: no BatchNorm layer with prefix {prefix!r}.", hint=hint)
+        prefix = found
+    elif "" in names or any(k in state for k in ("weight", "bias")) and not layers:
+        prefix = ""
+    elif len(layers) == 1:
+        prefix = layers[0][0]
+    elif not layers:
+        raise StateError(f"{source}: holds no BatchNorm layer (no running_mean/running_var keys).",
+                         hint="Pass a BatchNorm2d state_dict or a model checkpoint, "
+                              "or use --weight/--bias for the affine parameters only.")
+    else:
+        raise StateError(f"{source}: holds {len(layers)} BatchNorm layers; which one?",
+                         hint=f"Choose with --prefix, one of: {_layer_listing(layers)}.")
+    dot = f"{prefix}." if prefix else ""
+    return {k: state[dot + k] for k in STATE_KEYS if dot + k in state}, prefix
+
+
+def build_engine(opts: EngineOptions, *, data_channels: int | None, data_dtype: torch.dtype
+                 ) -> tuple[BatchNormEngine, LayerSource]:
+    """Build the engine from flags, a ``--state`` file and ``--weight``/``--bias``.
+
+    ``num_features`` comes from ``--num-features``, else the state's layer, else the data.
+    """
+    layer: dict[str, torch.Tensor] = {}
+    source = LayerSource("a fresh nn.BatchNorm2d (weight 1, bias 0, running mean 0, var 1)")
+    if opts.state is not None:
+        flat = io.load_state_dict(opts.state)
+        layer, prefix = select_layer(flat, opts.prefix, str(opts.state))
+        where = f"layer {prefix!r} of " if prefix else ""
+        source = LayerSource(f"{where}{opts.state}")
+    elif opts.prefix is not None:
+        raise StateError("--prefix was given without --state.",
+                         hint="Pass the checkpoint with --state FILE --prefix NAME.")
+    c = opts.num_features
+    if c is None and "running_mean" in layer:
+        c = int(layer["running_mean"].numel())
+    elif c is None and "weight" in layer:
+        c = int(layer["weight"].numel())
+    if c is None:
+        c = data_channels
+    if c is None:
+        raise ShapeError("Cannot tell the number of channels.", hint="Pass --num-features C.")
+    config = BatchNormConfig(num_features=c, eps=opts.eps, momentum=opts.momentum,
+                             affine=opts.affine, track_running_stats=opts.track_running_stats)
+    device = resolve_device(opts.device)
+    param_dtype = torch.float64 if data_dtype == torch.float64 else torch.float32
+    engine = BatchNormEngine(config, device=device, param_dtype=param_dtype)
+    if layer:
+        source.ignored_keys = engine.load_state(layer, source=source.description)
+    for name, spec in (("weight", opts.weight), ("bias", opts.bias)):
+        if spec is not None:
+            vec = torch.from_numpy(io.parse_vector(spec, name))
+            if vec.numel() != c:
+                raise StateError(f"--{name} has {vec.numel()} values, but the layer has {c} channels.",
+                                 hint=f"Give exactly {c} values, one per channel.")
+            engine.set_affine(**{name: vec})
+    return engine, source
+
+
+def channel_moments(x: torch.Tensor, layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (biased) std in float64, the check tutorials do by hand."""
+    x64 = x.detach().to("cpu", torch.float64)
+    dims = (0, 1, 2) if layout == "nhwc" else (0, 2, 3)
+    if x64.numel() == 0:
+        c = x64.shape[3 if layout == "nhwc" else 1]
+        return np.full(c, np.nan), np.full(c, np.nan)
+    var, mean = torch.var_mean(x64, dim=dims, correction=0)
+    return mean.numpy(), var.sqrt().numpy()
+
+
+def _channels(shape: tuple[int, ...], layout: str) -> int | None:
+    if len(shape) != 4:
+        return None
+    return shape[3] if layout == "nhwc" else shape[1]
+
+
+@dataclass
+class NormalizeResult:
+    """What ``normalize`` did, for rendering."""
+
+    input: Path
+    output: Path
+    key: str | None
+    shape: tuple[int, ...]
+    dtype: str
+    mode: str
+    layout: str
+    device: str
+    source: LayerSource
+    mean_before: np.ndarray
+    std_before: np.ndarray
+    mean_after: np.ndarray
+    std_after: np.ndarray
+    state: dict[str, torch.Tensor]
+    state_path: Path | None
+
+
+def normalize_file(path: Path, output: Path, *, key: str | None, mode: str, layout: str,
+                   opts: EngineOptions, force: bool, save_state: Path | None) -> NormalizeResult:
+    """Load, normalize through the engine, write atomically; the input is never touched."""
+    path, output = Path(path), Path(output)
+    # Refuse a bad destination before doing any work.
+    io.check_output(output, force=force, protect=[path])
+    if save_state is not None:
+        io.check_output(save_state, force=force, protect=[path, output], allowed=io.STATE_SUFFIXES)
+        if Path(save_state).resolve() == output.resolve():
+            raise StateError("--save-state and the output are the same file.",
+                             hint="Give them different names.")
+    x, key = io.load_tensor(path, key)
+    engine, source = build_engine(opts, data_channels=_channels(tuple(x.shape), layout),
+                                  data_dtype=x.dtype)
+    validate_input(tuple(x.shape), x.dtype, engine.config.num_features, mode, layout)
+    mean_b, std_b = channel_moments(x, layout)
+    y = engine.apply(x, mode=mode, layout=layout)
+    mean_a, std_a = channel_moments(y, layout)
+    io.save_tensor(y, output, key=key, force=force, protect=[path])
+    state = engine.state_dict()
+    if save_state is not None:
+        io.save_state_dict(state, save_state, force=force, protect=[path, output])
+    return NormalizeResult(path, output, key, tuple(x.shape), str(x.dtype).replace("torch.", ""),
+                           mode, layout, str(engine.device), source, mean_b, std_b, mean_a, std_a,
+                           state, save_state)
+
+
+@dataclass
+class CompareResult:
+    """Train-mode versus eval-mode outputs of the same input, per channel."""
+
+    input: Path
+    key: str | None
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str
+    source: LayerSource
+    config: BatchNormConfig
+    batch_mean: np.ndarray
+    batch_var: np.ndarray
+    running_mean: np.ndarray | None
+    running_var: np.ndarray | None
+    running_mean_after: np.ndarray | None
+    running_var_after: np.ndarray | None
+    num_batches_tracked_after: int | None
+    train_mean: np.ndarray
+    train_std: np.ndarray
+    eval_mean: np.ndarray
+    eval_std: np.ndarray
+    max_abs_diff: np.ndarray
+    count: int
+
+    @property
+    def overall_max_abs_diff(self) -> float:
+        return float(np.nanmax(self.max_abs_diff)) if self.max_abs_diff.size else 0.0
+
+
+def compare_file(path: Path, *, key: str | None, layout: str, opts: EngineOptions) -> CompareResult:
+    """Run one input through the engine in train mode and in eval mode.
+
+    Eval uses the running statistics as given (from ``--state`` or a fresh module), not
+    those the train pass just updated; the updated ones are reported separately.
+    """
+    x, key = io.load_tensor(Path(path), key)
+    channels = _channels(tuple(x.shape), layout)
+    train_engine, source = build_engine(opts, data_channels=channels, data_dtype=x.dtype)
+    eval_engine, _ = build_engine(opts, data_channels=channels, data_dtype=x.dtype)
+    validate_input(tuple(x.shape), x.dtype, train_engine.config.num_features, "train", layout)
+    before = eval_engine.state_dict()
+    y_eval = eval_engine.apply(x, mode="eval", layout=layout)
+    y_train = train_engine.apply(x, mode="train", layout=layout)
+    after = train_engine.state_dict()
+    dims = (0, 1, 2) if layout == "nhwc" else (0, 2, 3)
+    diff = (y_train.to("cpu", torch.float64) - y_eval.to("cpu", torch.float64)).abs().amax(dim=dims)
+    x64 = x.to(torch.float64)
+    bvar, bmean = torch.var_mean(x64, dim=dims, correction=0)
+    tm, ts = channel_moments(y_train, layout)
+    em, es = channel_moments(y_eval, layout)
+    count = int(x.numel() // train_engine.config.num_features)
+
+    def get(state: dict[str, torch.Tensor], k: str) -> np.ndarray | None:
+        return state[k].double().numpy() if k in state else None
+
+    nbt = after.get("num_batches_tracked")
+    return CompareResult(
+        Path(path), key, tuple(x.shape), str(x.dtype).replace("torch.", ""), layout, source,
+        train_engine.config, bmean.numpy(), bvar.numpy(), get(before, "running_mean"),
+        get(before, "running_var"), get(after, "running_mean"), get(after, "running_var"),
+        int(nbt) if nbt is not None else None, tm, ts, em, es, diff.numpy(), count)

@@ -1,0 +1,215 @@
+"""Shape / dtype / value checks of BatchNorm2d inputs. Returns findings (data, not text).
+
+No torch here: ``check-shape`` on a ``.npy`` must stay fast. The rules mirror
+:func:`bncli.engine.validate_input` exactly (a property test holds them together):
+a file has an *error* finding if and only if ``normalize`` would refuse it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bncli import io
+from bncli.errors import BncliError, KeyChoiceError, UnsafeFileError
+
+FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+CHANNEL_LIKE = (1, 3, 4)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem (or risk) with an input.
+
+    Attributes:
+        code: Stable identifier (``not_4d``, ``channels_last``, ...), for scripts.
+        severity: ``error`` (normalize would refuse it) or ``warning``.
+        message: What is wrong, with the shape/dtype seen and what was expected.
+        hint: The concrete fix.
+    """
+
+    code: str
+    severity: str
+    message: str
+    hint: str
+
+
+@dataclass
+class Report:
+    """The findings for one input file."""
+
+    path: str
+    shape: list[int] | None = None
+    dtype: str | None = None
+    key: str | None = None
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"path": self.path, "key": self.key, "shape": self.shape, "dtype": self.dtype,
+                "valid": self.valid, "findings": [asdict(f) for f in self.findings]}
+
+
+def _err(code: str, message: str, hint: str) -> Finding:
+    return Finding(code, "error", message, hint)
+
+
+def _not_4d(shape: tuple[int, ...]) -> Finding:
+    nd = len(shape)
+    s = tuple(shape)
+    if nd == 0:
+        return _err("not_4d", "The input is a 0D scalar (a single number), not a batch of images.",
+                    "BatchNorm2d needs (N, C, H, W); save the whole tensor, not a reduced value.")
+    if nd == 1:
+        return _err("not_4d", f"The input is 1D, shape {s}: a vector, such as a layer's per-channel "
+                    "weight, bias or running stats, not a batch of images.",
+                    "BatchNorm2d needs (N, C, H, W). If this is a state vector, pass it with "
+                    "--weight/--bias or --state instead.")
+    if nd == 2:
+        return _err("not_4d", f"The input is 2D, shape {s}: (N, C) features belong to "
+                    "nn.BatchNorm1d, not BatchNorm2d.",
+                    "Use nn.BatchNorm1d for (N, C); for images, keep the (N, C, H, W) tensor "
+                    "before it is flattened.")
+    if nd == 3:
+        c0, _, c2 = s
+        if c2 in CHANNEL_LIKE and c0 not in CHANNEL_LIKE:
+            return _err("not_4d", f"The input is 3D, shape {s}: it looks like a single (H, W, C) "
+                        "image (channels last) with no batch dimension.",
+                        "Add the batch axis and use channels-last: x[np.newaxis] in NumPy (shape "
+                        f"(1, {s[0]}, {s[1]}, {s[2]})), then bncli normalize --layout nhwc.")
+        if c0 in CHANNEL_LIKE:
+            lead = "it looks like a single (C, H, W) image with no batch dimension"
+        else:
+            lead = ("it is either a single (C, H, W) image with no batch dimension, or an "
+                    "(N, C, L) sequence batch, which belongs to nn.BatchNorm1d")
+        return _err("not_4d", f"The input is 3D, shape {s}: {lead}.",
+                    f"Add the batch axis: x.unsqueeze(0) in torch or x[np.newaxis] in NumPy, giving "
+                    f"shape (1, {s[0]}, {s[1]}, {s[2]}). In train mode a batch of one image is "
+                    "normalized with its own statistics; --mode eval uses running stats.")
+    if nd == 5:
+        return _err("not_4d", f"The input is 5D, shape {s}: (N, C, D, H, W) volumes or video "
+                    "belong to nn.BatchNorm3d.",
+                    "Use nn.BatchNorm3d, or fold depth into the batch "
+                    "(x.transpose(1, 2).reshape(N*D, C, H, W)) to apply BatchNorm2d per frame.")
+    return _err("not_4d", f"The input is {nd}D, shape {s}; BatchNorm2d needs exactly 4 axes "
+                "(N, C, H, W).", "Reshape to (N, C, H, W) before normalizing.")
+
+
+def check_shape(shape: tuple[int, ...], dtype: str, *, num_features: int | None = None,
+                mode: str = "train", layout: str = "nchw") -> list[Finding]:
+    """Findings about a tensor's shape and dtype alone (no values needed).
+
+    Args:
+        shape: The tensor's shape as stored.
+        dtype: Its dtype name (``float32``, ``uint8`` ...).
+        num_features: The layer's C, if known; axis 1 (or the last, NHWC) must match.
+        mode: ``train`` or ``eval``; train needs N*H*W > 1.
+        layout: ``nchw`` or ``nhwc``.
+
+    Returns:
+        Errors first, then warnings. Empty means a valid input.
+    """
+    shape = tuple(int(s) for s in shape)
+    out: list[Finding] = []
+    if len(shape) != 4:
+        out.append(_not_4d(shape))
+    if dtype not in FLOAT_NAMES:
+        fix = ("x.astype(np.float32) / 255 (NumPy) or x.float() / 255 (torch) for 8-bit images"
+               if dtype == "uint8" else "convert first: x.astype(np.float32) or x.float()")
+        kind = "boolean" if dtype == "bool" else "complex" if dtype.startswith("complex") else "integer"
+        out.append(_err("not_float", f"The input has {kind} dtype {dtype}; BatchNorm2d needs "
+                        "float16, bfloat16, float32 or float64.", f"Convert it: {fix}."))
+    if len(shape) == 4:
+        n, c, h, w = (shape[0], shape[3], shape[1], shape[2]) if layout == "nhwc" else shape
+        if num_features is not None and c != num_features:
+            other = shape[1] if layout == "nhwc" else shape[3]
+            switch = "nchw" if layout == "nhwc" else "nhwc"
+            hint = (f"The {'axis 1' if layout == 'nhwc' else 'last axis'} has {other} values: "
+                    f"try --layout {switch}." if other == num_features else
+                    "Use the layer whose num_features matches (--prefix), or check the data.")
+            axis = "last axis (NHWC)" if layout == "nhwc" else "axis 1 (NCHW)"
+            out.append(_err("channel_mismatch", f"The input has {c} channels on its {axis} "
+                            f"(shape {shape}), but the layer expects num_features={num_features}.",
+                            hint))
+        if 0 in shape:
+            out.append(_err("empty", f"The input is empty: shape {shape} has a zero-size axis.",
+                            "Check how the file was written; there is nothing to normalize."))
+        elif mode == "train" and n * h * w == 1:
+            size = f"torch.Size([{n}, {c}, {h}, {w}])"
+            out.append(_err("one_value_per_channel",
+                            f"Shape {shape} has one value per channel (N*H*W = 1); in train mode "
+                            "PyTorch raises: ValueError: Expected more than 1 value per channel "
+                            f"when training, got input size {size}.",
+                            "Use --mode eval (model.eval() in PyTorch) so running statistics are "
+                            "used, or normalize a larger batch (N*H*W > 1)."))
+        if layout == "nchw" and shape[3] in CHANNEL_LIKE and shape[1] not in CHANNEL_LIKE \
+                and not (num_features is not None and shape[1] == num_features):
+            out.append(Finding("channels_last", "warning",
+                               f"The last axis has {shape[3]} values and axis 1 has {shape[1]}: "
+                               f"shape {shape} looks like channels-last (N, H, W, C) data, as "
+                               "NumPy/PIL produce, read as NCHW it would have "
+                               f"{shape[1]} channels.",
+                               "If so, pass --layout nhwc (or x.permute(0, 3, 1, 2) in torch)."))
+    return out
+
+
+def value_findings(chunks: Iterable[np.ndarray]) -> list[Finding]:
+    """A ``non_finite`` warning when the values hold NaN or +-Inf (counted by kind)."""
+    nan = pos = neg = 0
+    total = 0
+    for block in chunks:
+        total += block.size
+        nan += int(np.isnan(block).sum())
+        inf = np.isinf(block)
+        if inf.any():
+            pos += int((inf & (block > 0)).sum())
+            neg += int((inf & (block < 0)).sum())
+    bad = nan + pos + neg
+    if not bad:
+        return []
+    return [Finding("non_finite", "warning",
+                    f"{bad} of {total} values are not finite ({nan} NaN, {pos} +Inf, {neg} -Inf); "
+                    "every output of an affected channel becomes NaN, and in train mode the "
+                    "running stats are poisoned too.",
+                    "Find where they come from (division by zero, log of 0, overflow in float16), "
+                    "or clean them: np.nan_to_num(x) / torch.nan_to_num(x).")]
+
+
+def check_file(path: Path, *, key: str | None = None, num_features: int | None = None,
+               mode: str = "train", layout: str = "nchw", scan_values: bool = True) -> Report:
+    """Diagnose one file: header checks, then (for valid float data) a value scan.
+
+    Never raises for a bad file: unreadable and unsafe files become findings.
+    """
+    report = Report(path=str(path))
+    try:
+        info = io.peek(Path(path), key)
+    except UnsafeFileError as exc:
+        report.findings.append(_err("unsafe", exc.message, exc.hint or ""))
+        return report
+    except KeyChoiceError as exc:
+        report.findings.append(_err("ambiguous_key", exc.message, exc.hint or ""))
+        return report
+    except BncliError as exc:
+        report.findings.append(_err("unreadable", exc.message, exc.hint or ""))
+        return report
+    except OSError as exc:
+        report.findings.append(_err("unreadable", f"{path}: cannot read ({exc.strerror or exc}).",
+                                    "Check the path and its permissions."))
+        return report
+    report.shape, report.dtype, report.key = list(info.shape), info.dtype, info.key
+    report.findings.extend(check_shape(info.shape, info.dtype, num_features=num_features,
+                                       mode=mode, layout=layout))
+    if scan_values and info.dtype in FLOAT_NAMES and 0 not in info.shape:
+        try:
+            report.findings.extend(value_findings(io.iter_chunks(Path(path), key)))
+        except BncliError as exc:
+            report.findings.append(_err("unreadable", exc.message, exc.hint or ""))
+    report.findings.sort(key=lambda f: f.severity != "error")
+    return report

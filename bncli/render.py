@@ -1,0 +1,94 @@
+"""Rich tables, small terminal pictures and JSON documents for the commands' results.
+
+Takes plain data (results from :mod:`bncli.core`, reports from :mod:`bncli.diagnose`);
+never computes anything the engine should.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+BAR = "█"
+PARTIAL = " ▏▎▍▌▋▊▉"
+
+
+def console(stderr: bool = False) -> Console:
+    """A console on stdout (results) or stderr (messages); width from $COLUMNS if set."""
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def fmt(value: float, digits: int = 4) -> str:
+    """Compact number: fixed for ordinary magnitudes, scientific for tiny/huge, nan/inf kept."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    if 1e-3 <= abs(value) < 1e5:
+        return f"{value:.{digits}f}"
+    return f"{value:.{max(digits - 2, 1)}e}"
+
+
+def bar(value: float, top: float, width: int = 16) -> str:
+    """A horizontal bar of ``value / top`` of ``width`` cells (eighth-cell resolution)."""
+    if not (top > 0) or not math.isfinite(value) or value <= 0:
+        return ""
+    eighths = int(round(min(value / top, 1.0) * width * 8))
+    return BAR * (eighths // 8) + (PARTIAL[eighths % 8] if eighths % 8 else "")
+
+
+def rows_to_show(n: int, limit: int = 24, edge: int = 10) -> list[int | None]:
+    """Channel indices to print: all if few, else the first and last ``edge`` with a gap."""
+    if n <= limit:
+        return list(range(n))
+    return [*range(edge), None, *range(n - edge, n)]
+
+
+def normalize_table(channels: int, cols: Sequence[tuple[str, Sequence[float]]], title: str,
+                    picture: Callable[[int], str] | None = None) -> Table:
+    """Per-channel table: one column per (header, values), plus an optional picture column."""
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("ch", justify="right", style="bold")
+    for header, _ in cols:
+        table.add_column(header, justify="right")
+    if picture is not None:
+        table.add_column("", justify="left", style="magenta", no_wrap=True)
+    extra = [picture] if picture is not None else []
+    for i in rows_to_show(channels):
+        if i is None:
+            table.add_row("…", *["…" for _ in cols], *["" for _ in extra], style="dim")
+            continue
+        table.add_row(str(i), *[fmt(float(values[i])) for _, values in cols], *[p(i) for p in extra])
+    return table
+
+
+def findings_text(report: Any) -> Text:
+    """One input's check-shape verdict: a status line, then each finding and its fix."""
+    text = Text()
+    shape = "?" if report.shape is None else "(" + ", ".join(map(str, report.shape)) + ")"
+    where = report.path + (f" [{report.key}]" if report.key else "")
+    if report.valid:
+        text.append("OK   ", style="bold green")
+    else:
+        text.append("FAIL ", style="bold red")
+    text.append(f"{where}  shape {shape}  dtype {report.dtype or '?'}\n")
+    for f in report.findings:
+        style = "red" if f.severity == "error" else "yellow"
+        text.append(f"  {f.severity}[{f.code}] ", style=f"bold {style}")
+        text.append(f"{f.message}\n")
+        text.append("    fix: ", style="cyan")
+        text.append(f"{f.hint}\n")
+    return text
+
+
+def kv_line(pairs: Sequence[tuple[str, str]]) -> str:
+    """``key value · key value`` with bold keys, escaped."""
+    return "  ".join(f"[bold]{escape(k)}[/] {escape(v)}" for k, v in pairs)
