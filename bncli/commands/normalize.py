@@ -61,8 +61,9 @@ def normalize(
 ) -> None:
     """Normalize INPUT exactly as torch.nn.BatchNorm2d would.
 
-    Reports shapes and per-channel mean/std before and after. The input is never modified; the output is written atomically (no partial file on
-    failure or Ctrl-C) and an existing output is kept unless --force. The dtype is kept.
+    Reports shapes and per-channel mean/std before and after. The input is never
+    modified; the output is written atomically (no partial file on failure or Ctrl-C)
+    and an existing output is kept unless --force. The dtype is kept.
 
     Examples:
 
