@@ -1,0 +1,43 @@
+"""Shared fixtures: files under tmp_path, a CliRunner with a fixed terminal width."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+WIDTH = "120"
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """In-process CLI runner; stdout and stderr are separate (result.stdout / result.stderr)."""
+    monkeypatch.setenv("COLUMNS", WIDTH)
+    monkeypatch.setenv("NO_COLOR", "1")
+    return CliRunner(env={"COLUMNS": WIDTH, "NO_COLOR": "1", "TERM": "dumb"})
+
+
+@pytest.fixture
+def npy_file(tmp_path: Path) -> Callable[..., Path]:
+    """Write an array to tmp_path/<name>.npy and return the path."""
+
+    def make(array: np.ndarray, name: str = "x.npy") -> Path:
+        path = tmp_path / name
+        np.save(path, array)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def batch(tmp_path: Path) -> Path:
+    """A valid (8, 3, 6, 5) float32 NCHW batch with per-channel offsets and scales."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3, 6, 5)) * np.array([1.0, 2.0, 0.5])[None, :, None, None]
+    x += np.array([0.5, -1.0, 3.0])[None, :, None, None]
+    path = tmp_path / "batch.npy"
+    np.save(path, x.astype(np.float32))
+    return path
