@@ -17,6 +17,7 @@ import os
 import pickle
 import struct
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -200,7 +201,10 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it does not expect; the refusal below says it all.
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in first if "Unsupported" in ln or "GLOBAL" in ln), "")
@@ -446,6 +450,10 @@ def atomic_output(dest: Path, *, force: bool, protect: Iterable[Path] = (),
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)
         # Re-check: the output may have appeared while we were working.
         check_output(dest, force=force, protect=protect, allowed=allowed)
         tmp.replace(dest)
