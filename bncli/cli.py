@@ -6,6 +6,8 @@ Importing this module (and running ``--help``) does not import torch.
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from bncli import __version__
@@ -41,8 +43,8 @@ def _root(
 ) -> None:
     """Exit codes: 0 success; 1 an expected failure (bad file, shape, state), with a message
     and a fix on stderr; 2 bad usage (unknown option, bad value); 130 interrupted."""
-    if debug:
-        DEBUG["on"] = True
+    # Set on every invocation: in-process callers (tests, scripts) must not inherit it.
+    DEBUG["on"] = debug or bool(os.environ.get("BNCLI_DEBUG"))
 
 
 app.command("normalize", no_args_is_help=True)(normalize.normalize)

@@ -14,7 +14,7 @@ import torch
 
 from bncli import io
 from bncli.engine import STATE_KEYS, BatchNormConfig, BatchNormEngine, resolve_device, validate_input
-from bncli.errors import ShapeError, StateError
+from bncli.errors import DTypeError, ShapeError, StateError
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,23 @@ def channel_moments(x: torch.Tensor, layout: str) -> tuple[np.ndarray, np.ndarra
     return mean.numpy(), var.sqrt().numpy()
 
 
+def refuse_invalid(x: torch.Tensor, *, mode: str, layout: str, num_features: int | None, where: Path) -> None:
+    """Raise the check-shape diagnosis (message and fix) for an input the engine cannot take.
+
+    Runs before the engine is built so that e.g. a 3D image gets "add the batch axis",
+    not "cannot tell the number of channels".
+    """
+    from bncli.diagnose import check_shape
+
+    dtype = str(x.dtype).replace("torch.", "")
+    errors = [f for f in check_shape(tuple(x.shape), dtype, num_features=num_features, mode=mode,
+                                     layout=layout) if f.severity == "error"]
+    if errors:
+        first = errors[0]
+        cls = DTypeError if first.code == "not_float" else ShapeError
+        raise cls(f"{where}: {first.message}", hint=first.hint)
+
+
 def _channels(shape: tuple[int, ...], layout: str) -> int | None:
     if len(shape) != 4:
         return None
@@ -191,6 +208,7 @@ def normalize_file(path: Path, output: Path, *, key: str | None, mode: str, layo
             raise StateError("--save-state and the output are the same file.",
                              hint="Give them different names.")
     x, key = io.load_tensor(path, key)
+    refuse_invalid(x, mode=mode, layout=layout, num_features=opts.num_features, where=path)
     engine, source = build_engine(opts, data_channels=_channels(tuple(x.shape), layout),
                                   data_dtype=x.dtype)
     validate_input(tuple(x.shape), x.dtype, engine.config.num_features, mode, layout)
@@ -243,6 +261,7 @@ def compare_file(path: Path, *, key: str | None, layout: str, opts: EngineOption
     those the train pass just updated; the updated ones are reported separately.
     """
     x, key = io.load_tensor(Path(path), key)
+    refuse_invalid(x, mode="train", layout=layout, num_features=opts.num_features, where=Path(path))
     channels = _channels(tuple(x.shape), layout)
     train_engine, source = build_engine(opts, data_channels=channels, data_dtype=x.dtype)
     eval_engine, _ = build_engine(opts, data_channels=channels, data_dtype=x.dtype)
