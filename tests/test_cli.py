@@ -22,7 +22,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "sample_data"
 def samples(tmp_path: Path) -> Path:
     """A private copy of sample_data/ (tests never write into the repo)."""
     dest = tmp_path / "samples"
-    shutil.copytree(SAMPLES, dest)
+    shutil.copytree(SAMPLES, dest, ignore=shutil.ignore_patterns("*.bn.*", "__pycache__"))
     return dest
 
 

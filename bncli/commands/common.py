@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -103,9 +104,19 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+_SCALAR = r"(?:-?[0-9][0-9.eE+-]*|null|true|false)"
+_SCALAR_LIST = re.compile(rf"\[\s+({_SCALAR}(?:,\s+{_SCALAR})*)\s+\]")
+
+
+def to_json(doc: Any) -> str:
+    """Indented JSON with lists of numbers kept on one line (shapes, per-channel vectors)."""
+    text = json.dumps(doc, indent=2, allow_nan=False, default=_jsonable)
+    return _SCALAR_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
+
+
 def print_json(doc: Any) -> None:
     """Exactly one JSON document on stdout (and nothing else there)."""
-    sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False, default=_jsonable) + "\n")
+    sys.stdout.write(to_json(doc) + "\n")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -86,6 +86,12 @@ def explain(r: Any) -> list[str]:
         lines.append("These are a fresh module's mean 0 / var 1, so eval mode barely changes the input "
                      "(y = x / sqrt(1 + eps) * weight + bias): a classic symptom of a model whose "
                      "BatchNorm layers were never trained or whose checkpoint was not loaded.")
+    steps = (r.num_batches_tracked_after or 1) - 1
+    if cfg.momentum is not None and 0 < steps and (1 - cfg.momentum) ** steps > 0.01:
+        left = (1 - cfg.momentum) ** steps
+        lines.append(f"These running stats have seen only {steps} train steps: with momentum "
+                     f"{cfg.momentum} the initial mean 0 / var 1 still weighs (1 - {cfg.momentum})^{steps} = "
+                     f"{left:.1%} in them, so they have not converged to the data's statistics.")
     if n > 1:
         lines.append(f"The running variance stores the UNBIASED batch variance (times n/(n-1) = "
                      f"{n}/{n - 1} = {n / (n - 1):.6g}), while normalization uses the biased one.")
