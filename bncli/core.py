@@ -5,9 +5,10 @@ Commands call these and render what they return; nothing here prints or knows ty
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -194,11 +195,20 @@ class NormalizeResult:
     std_after: np.ndarray
     state: dict[str, torch.Tensor]
     state_path: Path | None
+    # How it ran: {"path": "in-memory"}, or out-of-core passes/chunk size (bncli.outofcore).
+    execution: dict[str, Any] = field(default_factory=lambda: {"path": "in-memory"})
 
 
 def normalize_file(path: Path, output: Path, *, key: str | None, mode: str, layout: str,
-                   opts: EngineOptions, force: bool, save_state: Path | None) -> NormalizeResult:
-    """Load, normalize through the engine, write atomically; the input is never touched."""
+                   opts: EngineOptions, force: bool, save_state: Path | None,
+                   execution: str = "auto", chunk_bytes: int | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> NormalizeResult:
+    """Load, normalize through the engine, write atomically; the input is never touched.
+
+    ``execution`` is ``auto``, ``in-memory`` or ``out-of-core``; a large ``.npy`` is
+    streamed in two passes by :func:`bncli.outofcore.normalize_streamed` (see
+    :func:`bncli.outofcore.use_out_of_core`), with ``chunk_bytes`` and ``progress``.
+    """
     path, output = Path(path), Path(output)
     # Refuse a bad destination before doing any work.
     io.check_output(output, force=force, protect=[path])
@@ -207,6 +217,14 @@ def normalize_file(path: Path, output: Path, *, key: str | None, mode: str, layo
         if Path(save_state).resolve() == output.resolve():
             raise StateError("--save-state and the output are the same file.",
                              hint="Give them different names.")
+    if execution != "in-memory":
+        from bncli import outofcore
+
+        if outofcore.use_out_of_core(path, output, key=key, execution=execution):
+            return outofcore.normalize_streamed(
+                path, output, key=key, mode=mode, layout=layout, opts=opts, force=force,
+                save_state=save_state, chunk_bytes=chunk_bytes or outofcore.DEFAULT_CHUNK_BYTES,
+                progress=progress)
     x, key = io.load_tensor(path, key)
     refuse_invalid(x, mode=mode, layout=layout, num_features=opts.num_features, where=path)
     engine, source = build_engine(opts, data_channels=_channels(tuple(x.shape), layout),

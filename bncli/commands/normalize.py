@@ -31,6 +31,7 @@ from bncli.commands.common import (
     parse_momentum,
     print_json,
 )
+from bncli.commands.stats import ChunkSizeOpt
 
 
 @handle_errors
@@ -57,6 +58,11 @@ def normalize(
              "with nn.BatchNorm2d.load_state_dict.")] = None,
     device: DeviceOpt = Device.cpu,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    out_of_core: Annotated[bool | None, typer.Option(
+        "--out-of-core/--in-memory", show_default="auto",
+        help="Stream a .npy in two passes with memory bounded by --chunk-size, or load it whole. "
+             "Default: stream .npy files of 256 MiB or more, or too big for the free memory.")] = None,
+    chunk_size: ChunkSizeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Normalize INPUT exactly as torch.nn.BatchNorm2d would.
@@ -72,16 +78,22 @@ def normalize(
         bncli normalize batch.npy --mode eval --state resnet.pt --prefix layer1.0.bn1
 
         bncli normalize images_nhwc.npy --layout nhwc -o out.pt --json
+
+        bncli normalize huge.npy --out-of-core --chunk-size 64M   # larger than memory
     """
     from bncli import core, io
+    from bncli.progress import progress_callback
 
     opts = core.EngineOptions(
         eps=eps, momentum=parse_momentum(momentum), affine=affine,
         track_running_stats=track_running_stats, num_features=num_features, state=state,
         prefix=prefix, weight=weight, bias=bias, device=device.value)
-    result = core.normalize_file(
-        input, output or io.default_output(input), key=key, mode=mode.value, layout=layout.value,
-        opts=opts, force=force, save_state=save_state)
+    execution = "auto" if out_of_core is None else "out-of-core" if out_of_core else "in-memory"
+    with progress_callback(enabled=not as_json) as progress:
+        result = core.normalize_file(
+            input, output or io.default_output(input), key=key, mode=mode.value, layout=layout.value,
+            opts=opts, force=force, save_state=save_state, execution=execution,
+            chunk_bytes=chunk_size, progress=progress)
     if as_json:
         print_json(_to_json(result))
     else:
@@ -99,6 +111,7 @@ def _to_json(r: Any) -> dict[str, Any]:
         "state_source": r.source.description,
         "ignored_state_keys": r.source.ignored_keys,
         "save_state": str(r.state_path) if r.state_path else None,
+        "execution": r.execution,
         "channels": [
             {"channel": i, "mean_before": mb, "std_before": sb, "mean_after": ma, "std_after": sa}
             for i, (mb, sb, ma, sa) in enumerate(zip(lst(r.mean_before), lst(r.std_before),
@@ -115,6 +128,12 @@ def _render(r: Any) -> None:
     out.print(kv_line([("input", str(r.input) + (f" [{r.key}]" if r.key else "")),
                        ("shape", str(r.shape)), ("dtype", r.dtype), ("layout", r.layout)]))
     out.print(kv_line([("mode", r.mode), ("device", r.device), ("state", r.source.description)]))
+    if r.execution.get("path") == "out-of-core":
+        from bncli.commands.stats import _size
+
+        out.print(kv_line([("out-of-core", f"{r.execution['passes']} pass(es), "
+                                           f"{_size(r.execution['chunk_bytes'])} chunks; 'after' "
+                                           "columns derived from the exact input statistics")]))
     cols = [("mean before", r.mean_before), ("std before", r.std_before),
             ("mean after", r.mean_after), ("std after", r.std_after)]
     title = "Per-channel statistics (biased std, as BatchNorm uses)"
