@@ -76,7 +76,12 @@ def select_layer(state: Mapping[str, torch.Tensor], prefix: str | None,
     names = [p for p, _ in layers]
     if prefix is not None:
         prefix = prefix.rstrip(".")
-        candidates = [prefix, f"module.{prefix}", f"model.{prefix}", f"state_dict.{prefix}"]
+        # Checkpoints nest a (Distributed)DataParallel state_dict, whose keys start with
+        # "module.", under "model"/"state_dict" (the ImageNet example does); users copy the
+        # prefix with or without that "module.".
+        wrappers = ("", "module.", "model.", "state_dict.", "model.module.", "state_dict.module.")
+        bases = dict.fromkeys((prefix, prefix.removeprefix("module.")))
+        candidates = [w + b for b in bases for w in wrappers]
         found = next((c for c in candidates if c in names), None)
         if found is None:
             near = [p for p in names if p.endswith(prefix) or prefix in p]

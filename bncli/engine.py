@@ -197,6 +197,9 @@ class BatchNormEngine:
         own = self.module.state_dict()
         ignored = [k for k in state if k not in own]
         c = self.config.num_features
+        # Check everything before copying anything: a bad running_var must not leave the
+        # weight and bias of the same file already loaded.
+        updates: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
             for key, target in own.items():
                 if key not in state:
@@ -209,7 +212,12 @@ class BatchNormEngine:
                     if value.numel() != 1:
                         raise StateError(f"{source}: num_batches_tracked has shape {tuple(value.shape)}, "
                                          "expected a scalar.", hint="Was this saved from a BatchNorm layer?")
-                    target.copy_(value.reshape(()).to(target.dtype))
+                    if int(value.reshape(()).item()) < 0:
+                        # With momentum=None the next step would divide by zero (1 / 0 batches).
+                        raise StateError(f"{source}: num_batches_tracked is {int(value.reshape(()).item())}, "
+                                         "but a count of batches cannot be negative.",
+                                         hint="The file is corrupt or holds something else under that name.")
+                    updates.append((target, value.reshape(())))
                     continue
                 if tuple(value.shape) != (c,):
                     raise StateError(
@@ -222,6 +230,8 @@ class BatchNormEngine:
                     raise StateError(f"{source}: running_var has negative entries.",
                                      hint="A variance cannot be negative: the file is corrupt or "
                                           "holds something else under that name.")
+                updates.append((target, value))
+            for target, value in updates:
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
         return ignored
 
@@ -272,6 +282,14 @@ class BatchNormEngine:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         validate_input(tuple(x.shape), x.dtype, self.config.num_features, mode, layout)
+        if mode == "eval" and not self.config.track_running_stats and x.numel() == self.config.num_features:
+            # Without running stats, eval mode normalizes with batch statistics too, and
+            # PyTorch raises its train-mode "more than 1 value per channel" ValueError.
+            raise ShapeError(
+                f"Without running statistics, eval mode also uses batch statistics, which need more than "
+                f"one value per channel; shape {tuple(x.shape)} has N*H*W = 1.",
+                hint="Use --track-running-stats with a --state holding running stats, or a batch with N*H*W > 1.",
+            )
         x = x.to(self.device)
         self._match_dtype(x)
         if layout == "nhwc":
@@ -293,8 +311,15 @@ class BatchNormEngine:
         ``var`` of the whole file, pass 2 calls this on each chunk. The formula and the
         eps/affine handling are those of ``F.batch_norm``.
         """
-        if x.ndim != 4 or x.dtype not in FLOAT_DTYPES:
-            validate_input(tuple(x.shape), x.dtype, self.config.num_features, "eval", layout)
+        # Always validate: a channel mismatch would otherwise reach F.batch_norm's opaque
+        # "running_mean should contain C elements" RuntimeError. Eval rules: the stats are given.
+        validate_input(tuple(x.shape), x.dtype, self.config.num_features, "eval", layout)
+        c = self.config.num_features
+        for name, stat in (("mean", mean), ("var", var)):
+            if tuple(stat.shape) != (c,):
+                raise StateError(f"The batch {name} has shape {tuple(stat.shape)}, but the layer has "
+                                 f"num_features={c} (expected shape ({c},)).",
+                                 hint="Pass per-channel statistics computed over (N, H, W).")
         x = x.to(self.device)
         self._match_dtype(x)
         param = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -322,6 +347,13 @@ class BatchNormEngine:
         if count < 2:
             raise ShapeError(TORCH_ONE_VALUE_ERROR.format(count),
                              hint="Use --mode eval, or more data per channel.")
+        c = self.config.num_features
+        for name, stat in (("mean", mean), ("var", var)):
+            if tuple(stat.shape) != (c,):
+                # A (1,) or () tensor would silently broadcast into every channel.
+                raise StateError(f"The batch {name} has shape {tuple(stat.shape)}, but the layer has "
+                                 f"num_features={c} (expected shape ({c},)).",
+                                 hint="Pass per-channel statistics computed over (N, H, W).")
         assert m.num_batches_tracked is not None
         with torch.no_grad():
             m.num_batches_tracked.add_(1)
