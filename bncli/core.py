@@ -231,7 +231,9 @@ def normalize_file(path: Path, output: Path, *, key: str | None, mode: str, layo
                 save_state=save_state, chunk_bytes=chunk_bytes or outofcore.DEFAULT_CHUNK_BYTES,
                 progress=progress)
     x, key = io.load_tensor(path, key)
-    refuse_invalid(x, mode=mode, layout=layout, num_features=opts.num_features, where=path)
+    # Without running stats, eval mode also normalizes with batch statistics (train's rule).
+    refuse_invalid(x, mode=mode if opts.track_running_stats else "train", layout=layout,
+                   num_features=opts.num_features, where=path)
     engine, source = build_engine(opts, data_channels=_channels(tuple(x.shape), layout),
                                   data_dtype=x.dtype)
     validate_input(tuple(x.shape), x.dtype, engine.config.num_features, mode, layout)

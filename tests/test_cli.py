@@ -354,3 +354,12 @@ def test_compare_without_running_stats_agrees(runner: CliRunner, batch: Path) ->
 def test_compare_rejects_single_value(runner: CliRunner, npy_file: object) -> None:
     result = run(runner, "compare", npy_file(np.ones((1, 3, 1, 1), np.float32)))  # type: ignore[operator]
     assert result.exit_code == 1 and "more than 1 value per channel" in result.stderr
+
+
+def test_one_value_eval_without_running_stats(runner: CliRunner, npy_file: object) -> None:
+    """Without running stats eval mode uses batch statistics, so one value per channel fails too."""
+    path = npy_file(np.ones((1, 3, 1, 1), np.float32))  # type: ignore[operator]
+    result = run(runner, "normalize", path, "--mode", "eval", "--no-track-running-stats")
+    assert result.exit_code == 1
+    assert "more than 1 value per channel" in result.stderr
+    no_traceback(result)
