@@ -1,14 +1,14 @@
-"""Streamed work on tensor files bigger than memory: exact dataset statistics and the
-two-pass out-of-core ``normalize``.
+"""Streaming machinery and the two-pass out-of-core ``normalize``, for files bigger than memory.
 
 The data flows file -> :mod:`bncli.io` (chunked reads) -> :mod:`bncli.moments` /
 :class:`~bncli.engine.BatchNormEngine` (one chunk at a time) -> :class:`bncli.io.NpyWriter`
--> file, so peak memory is a few chunks whatever the file size. Chunks are processed
-by a small thread pool (NumPy and torch release the GIL) and their results are consumed
-in file order, so the output does not depend on the number of threads.
+-> file, so peak memory is a few chunks whatever the file size. Chunk work runs on a small
+thread pool (NumPy and torch release the GIL) and results are consumed in file order, so
+the output does not depend on the number of threads. :mod:`bncli.datastats` (``bncli
+stats``) uses the same machinery.
 
-No typer, no rich, no printing: progress goes to a callback, notes come back as data.
-torch is imported only by the normalize path and ``--save-state``.
+No typer, no rich, no printing: progress goes to a callback. torch is imported only
+inside :func:`normalize_streamed`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import itertools
 import os
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -34,15 +33,14 @@ if TYPE_CHECKING:
 
     from bncli.core import EngineOptions, NormalizeResult
 
-#: Default chunk size: 16 MiB keeps a handful of chunks in flight well inside the memory
-#: budget, and large enough that per-chunk overhead is negligible.
-DEFAULT_CHUNK_BYTES = 16 << 20
+#: Default chunk size: 8 MiB keeps the handful of chunks in flight far inside a 512 MB
+#: budget (next to ~220 MB for torch itself) and makes per-chunk overhead negligible.
+DEFAULT_CHUNK_BYTES = 8 << 20
 #: ``--out-of-core`` is chosen automatically for .npy inputs at least this big ...
 AUTO_MIN_BYTES = 256 << 20
 #: ... or when the in-memory path (input, float64 copies for the report, output: about
 #: this many times the file) would not fit in the memory available.
 IN_MEMORY_PEAK_FACTOR = 6
-EXECUTIONS = ("auto", "in-memory", "out-of-core")
 
 #: ``progress(task, done_bytes, total_bytes)``; ``task`` names the pass.
 ProgressFn = Callable[[str, int, int], None]
@@ -77,16 +75,19 @@ def default_workers() -> int:
     return max(1, min(4, cores))
 
 
-def _ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
+                 initializer: Callable[[], object] | None = None) -> Iterator[R]:
     """``map(fn, items)`` on a thread pool, results in input order, a bounded number in flight.
 
     At most ``workers + 1`` items are submitted ahead of the one being consumed, so the
-    memory held is a few chunks, not the file.
+    memory held is a few chunks, not the file. ``initializer`` runs once in each thread.
     """
     if workers <= 1:
+        if initializer:
+            initializer()
         yield from map(fn, items)
         return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="bncli-chunk")
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="bncli-chunk", initializer=initializer)
     pending: deque[Future[R]] = deque()
     try:
         for item in items:
@@ -100,7 +101,7 @@ def _ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iter
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _shifted(items: Iterator[T], block_of: Callable[[T], np.ndarray], layout: str
+def shifted(items: Iterator[T], block_of: Callable[[T], np.ndarray], layout: str
              ) -> tuple[np.ndarray | None, Iterator[T]]:
     """Peek at the stream for the first non-empty block; return its shift and the whole stream.
 
@@ -115,201 +116,6 @@ def _shifted(items: Iterator[T], block_of: Callable[[T], np.ndarray], layout: st
             shift = estimate_shift(block_of(item), layout)
             break
     return shift, itertools.chain(seen, items)
-
-
-def _axis_name(layout: str) -> str:
-    return "last axis (NHWC)" if layout == "nhwc" else "axis 1 (NCHW)"
-
-
-# -- bncli stats ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Shard:
-    """One input of ``stats``."""
-
-    path: Path
-    key: str | None
-    shape: tuple[int, ...]
-    dtype: str
-    nbytes: int
-    fortran_order: bool = False
-
-
-@dataclass
-class StatsResult:
-    """Exact per-channel statistics of one or more files, as data.
-
-    Attributes:
-        inputs: The shards, in order.
-        layout: ``nchw`` or ``nhwc``.
-        scale: The values were divided by this (``--scale``); 1 when not.
-        moments: The statistics (already divided by ``scale``).
-        chunk_bytes: The chunk size used.
-        notes: Warnings for the user (non-finite values, raw integer data ...).
-    """
-
-    inputs: list[Shard]
-    layout: str
-    scale: float
-    moments: Moments
-    chunk_bytes: int
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.nbytes for s in self.inputs)
-
-    def normalize_line(self, digits: int = 6) -> str | None:
-        """``transforms.Normalize(mean=[...], std=[...])`` with the biased std; None if not finite."""
-        mean, std = self.moments.mean, self.moments.std
-        if not (np.isfinite(mean).all() and np.isfinite(std).all()):
-            return None
-        fmt = ", ".join
-        return (f"transforms.Normalize(mean=[{fmt(f'{v:.{digits}g}' for v in mean)}], "
-                f"std=[{fmt(f'{v:.{digits}g}' for v in std)}])")
-
-
-_STATS_KINDS = "fiu"  # float, signed and unsigned integers (bool and complex are refused)
-
-
-def _stats_shard(path: Path, key: str | None, layout: str) -> Shard:
-    if path.suffix.lower() == ".npy":
-        key = None  # --key names the tensor inside containers; a .npy shard has just one
-    info = io.peek(path, key)
-    shape = tuple(info.shape)
-    if len(shape) != 4:
-        raise ShapeError(
-            f"{path}: per-channel statistics need a 4D (N, C, H, W) input "
-            f"(or (N, H, W, C) with --layout nhwc), got {len(shape)}D shape {shape}.",
-            hint="Run `bncli check-shape FILE` for what this shape is; "
-                 "save a single (C, H, W) image as x[None].")
-    if info.dtype == "bfloat16":
-        itemsize = 2
-    else:
-        try:
-            dt = np.dtype(info.dtype)
-        except TypeError:
-            dt = np.dtype(object)
-        if dt.kind not in _STATS_KINDS:
-            raise DTypeError(f"{path}: cannot compute statistics of dtype {info.dtype}.",
-                             hint="Use real numbers: floating point or integer data.")
-        itemsize = dt.itemsize
-    raw = io.raw_tensor(path, key)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
-    return Shard(path, info.key, shape, info.dtype, nbytes, bool(raw and raw.fortran_order))
-
-
-def dataset_stats(paths: Sequence[Path], *, key: str | None = None, layout: str = "nchw",
-                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, scale: float = 1.0,
-                  progress: ProgressFn | None = None, workers: int | None = None) -> StatsResult:
-    """Exact per-channel statistics over every value of one or more files.
-
-    Each file is read a chunk at a time (see :func:`bncli.io.iter_chunks`); the result
-    equals a float64 two-pass computation over the concatenation of all files to about
-    1e-12 relative, whatever ``chunk_bytes`` and ``workers``.
-
-    Args:
-        paths: Files with the same channel count (any mix of supported formats); shapes
-            may otherwise differ.
-        key: Tensor name inside containers that hold several (ignored for ``.npy`` shards).
-        layout: ``nchw`` or ``nhwc``.
-        chunk_bytes: Bytes read per chunk (as stored).
-        scale: Divide every value by this, e.g. 255 for uint8 images.
-        progress: Called as ``progress("statistics", done_bytes, total_bytes)``.
-        workers: Threads (default :func:`default_workers`).
-
-    Returns:
-        The statistics, the inputs and notes for the user.
-
-    Raises:
-        ShapeError: A file is not 4D, the channel counts differ, or there are no values.
-        DTypeError: A file holds booleans, complex numbers or strings.
-        InputError, UnsafeFileError, KeyChoiceError: A file cannot be read safely.
-    """
-    if not paths:
-        raise InputError("No input files.", hint="Pass one or more tensor files.")
-    if not (scale > 0 and np.isfinite(scale)):
-        raise StateError(f"scale must be a positive number, got {scale}.", hint="E.g. --scale 255.")
-    axis = 3 if layout == "nhwc" else 1
-    # Read every header before any data: a bad shard at the end fails in a second.
-    shards = [_stats_shard(Path(p), key, layout) for p in paths]
-    channels = shards[0].shape[axis]
-    for s in shards[1:]:
-        if s.shape[axis] != channels:
-            raise ShapeError(
-                f"{s.path}: has {s.shape[axis]} channels on its {_axis_name(layout)} (shape {s.shape}), "
-                f"but {shards[0].path} has {channels} (shape {shards[0].shape}).",
-                hint="All inputs must have the same channel count; check the file list and --layout.")
-    total = sum(s.nbytes for s in shards)
-
-    def chunks() -> Iterator[tuple[np.ndarray, int]]:
-        for s in shards:
-            for block in io.iter_chunks(s.path, s.key, max_bytes=chunk_bytes):
-                yield block, block.size * s.nbytes // max(int(np.prod(s.shape, dtype=np.int64)), 1)
-
-    shift, items = _shifted(chunks(), lambda item: item[0], layout)
-
-    def work(item: tuple[np.ndarray, int]) -> tuple[Moments, int]:
-        return block_moments(item[0], layout, shift=shift), item[1]
-
-    acc = Moments.empty(channels)
-    done = 0
-    if progress:
-        progress("statistics", 0, total)
-    for part, nbytes in _ordered_map(work, items, workers or default_workers()):
-        acc.merge(part)
-        done += nbytes
-        if progress:
-            progress("statistics", done, total)
-    if acc.count == 0:
-        raise ShapeError("The inputs hold no values (every file has a zero-size axis).",
-                         hint="Check how the files were written.")
-    result = StatsResult(shards, layout, float(scale), acc.scaled(scale), chunk_bytes)
-    result.notes = _stats_notes(result)
-    return result
-
-
-def _stats_notes(r: StatsResult) -> list[str]:
-    notes = []
-    bad = r.moments.non_finite
-    if bad.any():
-        chans = ", ".join(str(i) for i in np.flatnonzero(bad)[:10])
-        notes.append(f"{int(bad.sum())} values are NaN or Inf (channels {chans}); the mean and "
-                     "variance of those channels are not finite, as BatchNorm2d's would be. "
-                     "min and max ignore NaN.")
-    ints = [s for s in r.inputs if np.dtype(s.dtype if s.dtype != "bfloat16" else "f4").kind in "iu"]
-    if ints and r.scale == 1.0:
-        notes.append(f"{ints[0].path} holds {ints[0].dtype} values, reported as they are; for images "
-                     "fed through transforms.ToTensor() (which divides by 255), pass --scale 255.")
-    for s in r.inputs:
-        if s.fortran_order:
-            notes.append(f"{s.path} is stored in Fortran (column-major) order and was read through "
-                         "a memory map: resident memory may grow with the file (the pages stay "
-                         "reclaimable). Re-save it in C order for bounded memory.")
-    return notes
-
-
-def stats_state_dict(result: StatsResult) -> dict[str, torch.Tensor]:
-    """A ``BatchNorm2d`` state_dict holding the exact dataset statistics.
-
-    It is exactly the state of a fresh ``nn.BatchNorm2d(C, momentum=None)`` after one
-    train step over the whole dataset as one batch: ``running_mean`` = mean,
-    ``running_var`` = the unbiased variance (as PyTorch stores it), ``num_batches_tracked``
-    = 1, weight 1 and bias 0; float32, PyTorch's default.
-    """
-    import torch
-
-    from bncli.engine import BatchNormConfig, BatchNormEngine
-
-    m = result.moments
-    engine = BatchNormEngine(BatchNormConfig(m.channels, momentum=None))
-    engine.update_running_stats(torch.from_numpy(m.mean), torch.from_numpy(m.var), m.count)
-    return engine.state_dict()
-
-
-def save_stats_state(result: StatsResult, dest: Path, *, force: bool = False) -> None:
-    """Write :func:`stats_state_dict` as ``.pt`` or ``.safetensors``, atomically."""
-    io.save_state_dict(stats_state_dict(result), Path(dest), force=force,
-                       protect=[s.path for s in result.inputs])
 
 
 # -- out-of-core normalize -----------------------------------------------------------------
@@ -431,9 +237,14 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
             progress(task, done, raw.nbytes)
 
     threads = torch.get_num_threads()
-    # Chunks run in parallel on our pool; torch's own intra-op threads on top of it would
-    # only fight over the same cores (measured: slower than one thread per chunk).
-    torch.set_num_threads(1)
+
+    def one_thread() -> None:
+        # Chunks already run in parallel on our pool. torch's intra-op (OpenMP) threads on
+        # top would oversubscribe the cores, and OpenMP's spin-waiting turns that into a
+        # 5-10x slowdown. The setting is per thread, hence in each worker too.
+        torch.set_num_threads(1)
+
+    one_thread()
     try:
         with io.atomic_output(output, force=force, protect=[path]) as tmp:
             before = Moments.empty(channels)
@@ -441,9 +252,9 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
                 task = "pass 1/2 statistics"
                 tick(task, 0)
                 done = 0
-                shift, items = _shifted(blocks(), lambda b: b, layout)
-                for part in _ordered_map(lambda b: block_moments(b, layout, extrema=False, shift=shift),
-                                         items, workers):
+                shift, items = shifted(blocks(), lambda b: b, layout)
+                for part in ordered_map(lambda b: block_moments(b, layout, extrema=False, shift=shift),
+                                         items, workers, one_thread):
                     before.merge(part)
                     done += part.count * channels * raw.dtype.itemsize
                     tick(task, done)
@@ -453,26 +264,11 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
                 mean64 = engine.module.running_mean.detach().cpu().double().numpy()
                 var64 = engine.module.running_var.detach().cpu().double().numpy()
             mean_t, var_t = torch.from_numpy(mean64), torch.from_numpy(var64)
-
-            shift, items = _shifted(blocks(), lambda b: b, layout)
-
-            # The engine's parameters already have the data's dtype (build_engine), so the
-            # concurrent apply_with_stats calls below only read shared state.
-            def apply(block: np.ndarray) -> tuple[np.ndarray, Moments | None]:
-                y = engine.apply_with_stats(torch.from_numpy(block), mean_t, var_t, layout=layout)
-                part = None if batch_stats else block_moments(block, layout, extrema=False, shift=shift)
-                return np.ascontiguousarray(y.detach().cpu().numpy()), part
-
             task = f"pass {passes}/{passes} normalize"
             tick(task, 0)
-            done = 0
             with io.NpyWriter(tmp, raw.shape, raw.dtype) as writer:
-                for y, part in _ordered_map(apply, items, workers):
-                    writer.write(y)
-                    if part is not None:
-                        before.merge(part)
-                    done += y.nbytes
-                    tick(task, done)
+                _apply_pass(engine, blocks(), writer, mean_t, var_t, layout,
+                            None if batch_stats else before, workers, lambda done: tick(task, done))
     finally:
         torch.set_num_threads(threads)
     if mode == "train":
@@ -487,6 +283,58 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
     result.execution = {"path": "out-of-core", "passes": passes, "chunk_bytes": chunk_bytes,
                         "workers": workers, "after_statistics": "derived"}
     return result
+
+
+def _apply_pass(engine: Any, blocks: Iterator[np.ndarray], writer: io.NpyWriter, mean: torch.Tensor,
+                var: torch.Tensor, layout: str, stats: Moments | None, workers: int,
+                tick: Callable[[int], None]) -> None:
+    """Normalize and write each chunk in order; fold its statistics into ``stats`` if given.
+
+    Three things overlap: this thread reads and applies (a few GB/s), one writer thread
+    writes the previous chunk, and when ``stats`` is wanted a pool computes the NumPy
+    statistics, the slow part. The apply stays on this thread so that its output
+    buffers are all allocated from one glibc arena: with the apply on a pool, chunk-sized
+    blocks spread over one arena per thread (measured: +20 chunks of peak RSS).
+    """
+    import torch
+
+    shift = None
+    stat_jobs: deque[Future[Moments]] = deque()
+    write_jobs: deque[tuple[Future[None], int]] = deque()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="bncli-stats") if stats and workers > 1 else None
+    write_pool = ThreadPoolExecutor(1, thread_name_prefix="bncli-write")
+    done = 0
+    try:
+        for block in blocks:
+            if stats is not None:
+                if shift is None and block.size:
+                    shift = estimate_shift(block, layout)
+                if pool is not None:
+                    stat_jobs.append(pool.submit(block_moments, block, layout, extrema=False, shift=shift))
+                else:
+                    stats.merge(block_moments(block, layout, extrema=False, shift=shift))
+            y = engine.apply_with_stats(torch.from_numpy(block), mean, var, layout=layout)
+            out = np.ascontiguousarray(y.detach().cpu().numpy())
+            write_jobs.append((write_pool.submit(writer.write, out), out.nbytes))
+            del y, out
+            while len(stat_jobs) > workers:
+                stats.merge(stat_jobs.popleft().result())  # type: ignore[union-attr]
+            while len(write_jobs) > 1:  # one chunk being written while the next is computed
+                job, nbytes = write_jobs.popleft()
+                job.result()
+                done += nbytes
+                tick(done)
+        while write_jobs:
+            job, nbytes = write_jobs.popleft()
+            job.result()
+            done += nbytes
+            tick(done)
+        while stat_jobs:
+            stats.merge(stat_jobs.popleft().result())  # type: ignore[union-attr]
+    finally:
+        for p in (pool, write_pool):
+            if p is not None:
+                p.shutdown(wait=True, cancel_futures=True)
 
 
 def _after_moments(engine: Any, before: Moments, mean: np.ndarray, var: np.ndarray

@@ -290,3 +290,17 @@ def test_cli_out_of_core_refusals(runner: CliRunner, tmp_path: Path) -> None:
     assert res.exit_code == 2
     help_text = runner.invoke(app, ["normalize", "--help"]).stdout
     assert "--out-of-core" in help_text and "--chunk-size" in help_text
+
+
+@pytest.mark.parametrize(("mode", "tasks"), [("train", ["pass 1/2 statistics", "pass 2/2 normalize"]),
+                                             ("eval", ["pass 1/1 normalize"])])
+def test_progress_reports_every_byte_of_each_pass(tmp_path: Path, mode: str, tasks: list[str]) -> None:
+    path, x = make(tmp_path, (17, 3, 4, 4))
+    calls: list[tuple[str, int, int]] = []
+    outofcore.normalize_streamed(path, tmp_path / "y.npy", mode=mode, chunk_bytes=500,
+                                 progress=lambda *a: calls.append(a))
+    assert [t for t in dict.fromkeys(c[0] for c in calls)] == tasks
+    for task in tasks:
+        done = [d for t, d, total in calls if t == task]
+        assert done[0] == 0 and done[-1] == x.nbytes and done == sorted(done)
+        assert {total for t, _, total in calls if t == task} == {x.nbytes}

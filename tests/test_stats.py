@@ -17,7 +17,7 @@ from safetensors.numpy import save_file as save_np_safetensors
 from safetensors.torch import save_file as save_torch_safetensors
 from typer.testing import CliRunner
 
-from bncli import io, moments, outofcore
+from bncli import datastats, io, moments, outofcore
 from bncli.cli import app
 from bncli.errors import DTypeError, InputError, ShapeError
 from bncli.moments import Moments, block_moments
@@ -152,8 +152,8 @@ def write_shards(tmp_path: Path) -> tuple[list[Path], np.ndarray]:
 def test_shards_in_any_format_equal_one_concatenated_file(tmp_path: Path) -> None:
     paths, whole = write_shards(tmp_path)
     np.save(tmp_path / "whole.npy", whole)
-    multi = outofcore.dataset_stats(paths, key="images", chunk_bytes=200)
-    single = outofcore.dataset_stats([tmp_path / "whole.npy"], chunk_bytes=10**9)
+    multi = datastats.dataset_stats(paths, key="images", chunk_bytes=200)
+    single = datastats.dataset_stats([tmp_path / "whole.npy"], chunk_bytes=10**9)
     ref = reference(whole)
     assert_matches(multi.moments, ref, spread=10)
     assert_matches(single.moments, ref, spread=10)
@@ -166,7 +166,7 @@ def test_shards_may_differ_in_height_and_width(tmp_path: Path) -> None:
     a, b = rng.normal(size=(3, 2, 4, 4)), rng.normal(size=(2, 2, 7, 3)) + 1
     np.save(tmp_path / "a.npy", a)
     np.save(tmp_path / "b.npy", b)
-    r = outofcore.dataset_stats([tmp_path / "a.npy", tmp_path / "b.npy"], chunk_bytes=64)
+    r = datastats.dataset_stats([tmp_path / "a.npy", tmp_path / "b.npy"], chunk_bytes=64)
     flat = np.concatenate([np.moveaxis(a, 1, 0).reshape(2, -1), np.moveaxis(b, 1, 0).reshape(2, -1)], axis=1)
     np.testing.assert_allclose(r.moments.mean, flat.mean(axis=1), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(r.moments.var, flat.var(axis=1), **TIGHT)
@@ -175,11 +175,11 @@ def test_shards_may_differ_in_height_and_width(tmp_path: Path) -> None:
 def test_result_does_not_depend_on_threads_or_chunks(tmp_path: Path) -> None:
     x = np.random.default_rng(8).normal(size=(50, 3, 6, 6)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    one = outofcore.dataset_stats([tmp_path / "x.npy"], chunk_bytes=1000, workers=1)
-    three = outofcore.dataset_stats([tmp_path / "x.npy"], chunk_bytes=1000, workers=3)
+    one = datastats.dataset_stats([tmp_path / "x.npy"], chunk_bytes=1000, workers=1)
+    three = datastats.dataset_stats([tmp_path / "x.npy"], chunk_bytes=1000, workers=3)
     np.testing.assert_array_equal(one.moments.mean, three.moments.mean)  # bit for bit
     np.testing.assert_array_equal(one.moments.m2, three.moments.m2)
-    big = outofcore.dataset_stats([tmp_path / "x.npy"], chunk_bytes=10**8)
+    big = datastats.dataset_stats([tmp_path / "x.npy"], chunk_bytes=10**8)
     assert_matches(big.moments, reference(x), spread=5)
     assert_matches(one.moments, reference(x), spread=5)
 
@@ -187,7 +187,7 @@ def test_result_does_not_depend_on_threads_or_chunks(tmp_path: Path) -> None:
 def test_bf16_and_nhwc_shards(tmp_path: Path) -> None:
     x = torch.randn(6, 4, 4, 3).bfloat16()
     save_torch_safetensors({"x": x}, str(tmp_path / "x.safetensors"))
-    r = outofcore.dataset_stats([tmp_path / "x.safetensors"], layout="nhwc", chunk_bytes=100)
+    r = datastats.dataset_stats([tmp_path / "x.safetensors"], layout="nhwc", chunk_bytes=100)
     assert_matches(r.moments, reference(x.float().numpy(), "nhwc"), spread=5)
     assert r.inputs[0].dtype == "bfloat16" and r.inputs[0].nbytes == x.numel() * 2
 
@@ -195,7 +195,7 @@ def test_bf16_and_nhwc_shards(tmp_path: Path) -> None:
 def test_fortran_order_npy_is_read_correctly_with_a_note(tmp_path: Path) -> None:
     x = np.asfortranarray(np.random.default_rng(9).normal(size=(5, 3, 4, 2)))
     np.save(tmp_path / "f.npy", x)
-    r = outofcore.dataset_stats([tmp_path / "f.npy"], chunk_bytes=64)
+    r = datastats.dataset_stats([tmp_path / "f.npy"], chunk_bytes=64)
     assert_matches(r.moments, reference(x), spread=5)
     assert any("Fortran" in n for n in r.notes)
 
@@ -204,7 +204,7 @@ def test_channel_mismatch_between_shards(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", np.zeros((2, 3, 4, 4), np.float32))
     np.save(tmp_path / "b.npy", np.zeros((2, 4, 4, 4), np.float32))
     with pytest.raises(ShapeError, match=r"b\.npy: has 4 channels on its axis 1 \(NCHW\).*a\.npy has 3") as err:
-        outofcore.dataset_stats([tmp_path / "a.npy", tmp_path / "b.npy"])
+        datastats.dataset_stats([tmp_path / "a.npy", tmp_path / "b.npy"])
     assert "--layout" in (err.value.hint or "")
 
 
@@ -216,7 +216,7 @@ def test_channel_mismatch_between_shards(tmp_path: Path) -> None:
 def test_refusals(tmp_path: Path, array: np.ndarray, error: type, message: str) -> None:
     np.save(tmp_path / "x.npy", array)
     with pytest.raises(error, match=message):
-        outofcore.dataset_stats([tmp_path / "x.npy"])
+        datastats.dataset_stats([tmp_path / "x.npy"])
 
 
 def test_truncated_npy_fails_before_reading(tmp_path: Path) -> None:
@@ -224,13 +224,13 @@ def test_truncated_npy_fails_before_reading(tmp_path: Path) -> None:
     with (tmp_path / "x.npy").open("r+b") as fh:
         fh.truncate(500)
     with pytest.raises(InputError, match="truncated"):
-        outofcore.dataset_stats([tmp_path / "x.npy"])
+        datastats.dataset_stats([tmp_path / "x.npy"])
 
 
 def test_state_dict_is_one_cumulative_train_step_over_everything(tmp_path: Path) -> None:
     paths, whole = write_shards(tmp_path)
-    r = outofcore.dataset_stats(paths, key="images", chunk_bytes=300)
-    state = outofcore.stats_state_dict(r)
+    r = datastats.dataset_stats(paths, key="images", chunk_bytes=300)
+    state = datastats.stats_state_dict(r)
     module = torch.nn.BatchNorm2d(3, momentum=None)
     module.train()
     module(torch.from_numpy(whole).double().float())
@@ -358,7 +358,7 @@ def test_progress_draws_on_a_terminal_only(tmp_path: Path) -> None:
     term = Console(file=buf, force_terminal=True, width=100)
     with progress_callback(console=term, min_bytes=1) as progress:
         assert progress is not None
-        outofcore.dataset_stats([tmp_path / "x.npy"], chunk_bytes=2048, progress=progress)
+        datastats.dataset_stats([tmp_path / "x.npy"], chunk_bytes=2048, progress=progress)
     assert "statistics" in buf.getvalue() and "30.0/30.0 KiB" in buf.getvalue()
     with progress_callback(console=Console(file=stdio.StringIO(), force_terminal=False)) as progress:
         assert progress is None

@@ -38,7 +38,7 @@ def _positive(value: float, name: str) -> float:
 
 ChunkSizeOpt = Annotated[str | None, typer.Option(
     "--chunk-size", metavar="SIZE", callback=parse_chunk_size,
-    help="Bytes read per chunk, e.g. 4M, 64MiB, 1G (default 16M). Peak memory is a few chunks.")]
+    help="Bytes read per chunk, e.g. 4M, 64MiB, 1G (default 8M). Peak memory is a few chunks.")]
 
 
 @handle_errors
@@ -76,15 +76,16 @@ def stats(
 
         bncli stats shards/*.safetensors --key images --save-state dataset_bn.pt --json
     """
-    from bncli import outofcore
+    from bncli import datastats
+    from bncli.outofcore import DEFAULT_CHUNK_BYTES
     from bncli.progress import progress_callback
 
     with progress_callback(enabled=not as_json) as progress:
-        result = outofcore.dataset_stats(
-            inputs, key=key, layout=layout.value, chunk_bytes=chunk_size or outofcore.DEFAULT_CHUNK_BYTES,
-            scale=scale, progress=progress)
+        result = datastats.dataset_stats(inputs, key=key, layout=layout.value,
+                                         chunk_bytes=chunk_size or DEFAULT_CHUNK_BYTES, scale=scale,
+                                         progress=progress)
     if save_state is not None:
-        outofcore.save_stats_state(result, save_state, force=force)
+        datastats.save_stats_state(result, save_state, force=force)
     if as_json:
         print_json(_to_json(result, save_state))
     else:
