@@ -11,7 +11,7 @@ import os
 import typer
 
 from bncli import __version__
-from bncli.commands import check_shape, compare, normalize, stats
+from bncli.commands import bench, check_shape, compare, normalize, stats
 from bncli.commands.common import DEBUG
 
 app = typer.Typer(
@@ -51,6 +51,7 @@ app.command("normalize", no_args_is_help=True)(normalize.normalize)
 app.command("check-shape", no_args_is_help=True)(check_shape.check_shape)
 app.command("compare", no_args_is_help=True)(compare.compare)
 app.command("stats", no_args_is_help=True)(stats.stats)
+app.command("bench")(bench.bench)
 
 
 def main() -> None:

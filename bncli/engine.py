@@ -11,6 +11,7 @@ This module reads no files, prints nothing and imports nothing of the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -163,8 +164,12 @@ def validate_input(shape: tuple[int, ...], dtype: torch.dtype, num_features: int
 #          (alpha = invstd * weight, beta = bias - mean * alpha) applied through the same
 #          eval kernel. Equal to nn.BatchNorm2d within rounding, not bitwise: the sums run
 #          in a different order (and more accurately than the module's channels-last path).
-# Below ~2**16 (train) / 2**18 (eval) values the extra small ops cost more than they save.
-_FAST_MAX_CHANNELS = 15
+# Where it pays (benchmarks/nhwc_fastpath.py, AVX-512, 1 and 2 threads): train up to 15
+# channels; eval up to 15 channels for 16-bit floats but only 4 for float32 and 3 for float64,
+# where the module's own eval kernel keeps up and the extra small ops make us 5-35% slower.
+# Below ~2**16 (train) / 2**18 (eval) values those ops cost more than they save.
+_FAST_MAX_CHANNELS = {("train", 2): 15, ("train", 4): 15, ("train", 8): 15,
+                      ("eval", 2): 15, ("eval", 4): 4, ("eval", 8): 3}
 _FAST_MIN_NUMEL = {"train": 1 << 16, "eval": 1 << 18}
 _FAST_ROW_VALUES = 256
 
@@ -174,9 +179,11 @@ def channels_last_fast_path(x: torch.Tensor, mode: str) -> int:
 
     ``x`` is the NCHW-indexed tensor the module sees (an NHWC array already permuted).
     """
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return 0  # the common NCHW case leaves first: this runs on every apply()
     n, c, h, w = x.shape
-    if (x.device.type != "cpu" or c > _FAST_MAX_CHANNELS or x.numel() < _FAST_MIN_NUMEL[mode]
-            or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
+    if (x.device.type != "cpu" or c > _FAST_MAX_CHANNELS[(mode, x.element_size())]
+            or x.numel() < _FAST_MIN_NUMEL[mode]):
         return 0
     pixels = n * h * w
     for k in range(_FAST_ROW_VALUES // c, 0, -1):
@@ -380,9 +387,10 @@ class BatchNormEngine:
         if layout == "nhwc":
             # A permuted view is a channels_last NCHW tensor; no copy.
             x = x.permute(0, 3, 1, 2)
-        if self.module.training != (mode == "train"):  # Module.train() costs microseconds per call
+        # Per-call Python is what a small input pays for (bncli bench): skip what is a no-op.
+        if self.module.training != (mode == "train"):
             self.module.train(mode == "train")
-        with torch.no_grad():
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             k = channels_last_fast_path(x, mode)
             y = _fast_channels_last(self.module, x, k) if k else self.module(x)
         if layout == "nhwc":

@@ -1,0 +1,216 @@
+"""``bncli bench``: the timing harness, a tiny CPU sweep through the CLI, the JSON schema, errors.
+
+Timings are never asserted against a speed: only the harness's own arithmetic is checked,
+on calls of known cost, with bounds a loaded 2-core machine meets.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bncli import bench, timing
+from bncli.cli import app
+from bncli.commands.bench import Preset
+from bncli.engine import available_devices
+
+TINY = ["bench", "--shape", "2,3,8,8", "--dtype", "float32", "--reps", "3", "--warmup", "1"]
+VARIANT_KEYS = {"median_ms", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "reps", "method", "gbs", "pct_of_copy",
+                "max_abs_err", "error"}
+RESULT_KEYS = {"shape", "dtype", "layout", "mode", "pass", "bytes", "bytes_model", "engine_path",
+               "ratio_engine_nn", "variants"}
+
+
+@pytest.fixture(scope="module")
+def tiny_doc() -> dict[str, Any]:
+    """One tiny sweep, run once through the CLI for the schema tests."""
+    result = CliRunner(env={"COLUMNS": "120", "NO_COLOR": "1"}).invoke(app, [*TINY, "--json"])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# -- the harness ---------------------------------------------------------------------------
+def test_harness_measures_a_sleep() -> None:
+    result = timing.measure(lambda: time.sleep(0.02), reps=5, warmup=1)
+    assert len(result.times) == 5 and result.method == "perf_counter"
+    assert 0.019 < result.median < 0.2  # sleep never returns early; a busy machine may be late
+    assert result.iqr >= 0 and result.quantile(0.25) <= result.median <= result.quantile(0.75)
+
+
+def test_harness_does_not_time_the_before_hook_and_interleaves() -> None:
+    calls: list[str] = []
+    cases = {
+        "a": timing.Case(lambda: calls.append("a"), before=lambda: time.sleep(0.02)),
+        "b": timing.Case(lambda: calls.append("b")),
+    }
+    timings = timing.time_cases(cases, reps=6, warmup=2)
+    assert [len(t.times) for t in timings.values()] == [6, 6]
+    assert timings["a"].median < 0.01  # the 20 ms hook ran before every call, untimed
+    timed = calls[4:]  # after 2 warm-up calls each
+    assert sorted(timed) == ["a"] * 6 + ["b"] * 6
+    assert timed[:2] != timed[2:4]  # who goes first rotates
+
+
+def test_harness_picks_reps_from_the_time_budget() -> None:
+    result = timing.measure(lambda: time.sleep(0.005), warmup=1, target_s=0.05, min_reps=3, max_reps=100)
+    assert 3 <= len(result.times) <= 11
+
+
+def test_threads_are_set_and_restored() -> None:
+    before = torch.get_num_threads()
+    with timing.num_threads(1) as threads:
+        assert threads == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_presets_match_the_command() -> None:
+    assert {p.value for p in Preset} == set(bench.PRESETS)
+    assert bench.Settings().resolved(torch.device("cpu"))[0] == "quick"
+    name, shapes, _ = bench.Settings(preset="resnet50", batch=4).resolved(torch.device("cpu"))
+    assert name == "resnet50" and {s[0] for s in shapes} == {4} and (4, 2048, 7, 7) in shapes
+
+
+# -- a tiny sweep through the CLI ------------------------------------------------------------
+def test_cli_prints_environment_and_table(runner: CliRunner) -> None:
+    result = runner.invoke(app, [*TINY, "--mode", "train", "--threads", "1"])
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    for text in ("torch", "threads 1", "copy bandwidth", "GB/s", "engine", "nn", "eng/nn", "%copy",
+                 "2x3x8x8", "nchw", "nhwc", "train", "bytes, train forward"):
+        assert text in out, text
+    assert "eval" not in out.split("━")[-1]  # only train rows
+    assert "Traceback" not in result.stderr
+
+
+def test_json_schema(tiny_doc: dict[str, Any]) -> None:
+    assert tiny_doc["schema"] == bench.SCHEMA
+    assert tiny_doc["device"] == "cpu"
+    env = tiny_doc["environment"]
+    assert {"torch", "cuda", "cudnn", "device_name", "threads", "copy_gbs", "copy_bytes", "cache"} <= set(env)
+    assert env["copy_gbs"] > 0 and env["threads"] >= 1
+    assert tiny_doc["settings"]["preset"] == "custom"
+    rows = tiny_doc["results"]
+    assert {(r["layout"], r["mode"]) for r in rows} == {(lo, m) for lo in ("nchw", "nhwc") for m in ("train", "eval")}
+    for r in rows:
+        assert set(r) == RESULT_KEYS
+        assert r["shape"] == [2, 3, 8, 8] and r["dtype"] == "float32" and r["pass"] == "forward"
+        assert r["bytes"] == 2 * 3 * 8 * 8 * 4 * (3 if r["mode"] == "train" else 2)
+        assert set(r["variants"]) == {"engine", "nn", "copy"}
+        for name, v in r["variants"].items():
+            assert set(v) == VARIANT_KEYS, name
+            assert v["reps"] == 3 and v["median_ms"] > 0 and v["error"] is None
+        assert r["variants"]["copy"]["pct_of_copy"] == pytest.approx(100.0)
+        assert r["ratio_engine_nn"] == pytest.approx(
+            r["variants"]["engine"]["median_ms"] / r["variants"]["nn"]["median_ms"])
+        assert r["variants"]["engine"]["max_abs_err"] < 1e-4
+        assert r["engine_path"] == "module"  # too small for the fast path
+
+
+def test_json_is_the_only_stdout(runner: CliRunner) -> None:
+    result = runner.invoke(app, [*TINY, "--mode", "eval", "--layout", "nchw", "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)  # raises if anything else were on stdout
+    assert len(doc["results"]) == 1
+
+
+def test_output_is_saved_and_not_overwritten(runner: CliRunner, tmp_path: Path) -> None:
+    dest = tmp_path / "bench.json"
+    args = [*TINY, "--mode", "eval", "--layout", "nchw", "-o", str(dest)]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.stderr
+    assert json.loads(dest.read_text())["schema"] == bench.SCHEMA
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1 and "already exists" in again.stderr
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0
+    wrong = runner.invoke(app, [*TINY, "-o", str(tmp_path / "bench.txt")])
+    assert wrong.exit_code == 1 and ".json" in wrong.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # no temp files left
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_unavailable_device_is_a_friendly_error(runner: CliRunner, device: str) -> None:
+    if device in available_devices():
+        pytest.skip(f"{device} is available here")
+    result = runner.invoke(app, ["bench", "--device", device])
+    assert result.exit_code == 1
+    assert "not available" in result.stderr and "Available here: cpu" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("bad", ["8,3,224", "8,3,0,4", "a,b,c,d"])
+def test_bad_shape_is_a_usage_error(runner: CliRunner, bad: str) -> None:
+    result = runner.invoke(app, ["bench", "--shape", bad])
+    assert result.exit_code == 2 and "N,C,H,W" in result.stderr
+
+
+def test_backward_rows(runner: CliRunner) -> None:
+    result = runner.invoke(app, [*TINY, "--mode", "train", "--layout", "nchw", "--backward", "--json"])
+    assert result.exit_code == 0, result.stderr
+    fwd, both = json.loads(result.stdout)["results"]
+    assert (fwd["pass"], both["pass"]) == ("forward", "forward+backward")
+    assert set(both["variants"]) == {"nn", "copy"} and both["ratio_engine_nn"] is None
+    assert both["bytes"] == 2 * 3 * 8 * 8 * 4 * 8
+    assert both["variants"]["nn"]["max_abs_err"] < 1e-4
+
+
+# -- correctness gates and soft failures -----------------------------------------------------
+def test_a_wrong_variant_is_reported_and_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def wrong(self: Any, x: torch.Tensor, mode: str = "train", layout: str = "nchw") -> torch.Tensor:
+        return x * 2
+
+    monkeypatch.setattr(bench.BatchNormEngine, "apply", wrong)
+    report = bench.run(bench.Settings(shapes=((2, 3, 8, 8),), dtypes=("float32",), modes=("eval",),
+                                      layouts=("nchw",), reps=3, warmup=1))
+    (row,) = report.rows
+    assert "engine" not in row.timings and "nn" in row.timings
+    assert "float64 reference" in row.failures["engine"]
+    assert any("engine differs" in n for n in report.notes)
+    engine = row.to_json()["variants"]["engine"]
+    assert set(engine) == VARIANT_KEYS and engine["median_ms"] is None and engine["max_abs_err"] > 1
+
+
+def test_compile_failure_is_soft(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(module: Any, **kwargs: Any) -> Any:
+        def call(*args: Any) -> Any:
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch.compiler, "reset", lambda: None)  # importing dynamo alone takes seconds
+    result = runner.invoke(app, [*TINY, "--mode", "eval", "--compile", "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    first = doc["results"][0]["variants"]["compile"]
+    assert first["error"] == "torch.compile failed: no C++ compiler found"
+    assert "compile" not in doc["results"][1]["variants"]  # off after the first failure
+    assert any("remaining rows" in n for n in doc["notes"])
+
+
+# -- CUDA (skipped without a GPU) ------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_sweep(runner: CliRunner, graphs: bool) -> None:
+    args = ["bench", "--device", "cuda", "--shape", "4,8,16,16", "--dtype", "float32", "--reps", "5", "--json"]
+    result = runner.invoke(app, args + (["--cuda-graphs"] if graphs else []))
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["device"].startswith("cuda") and doc["environment"]["cache"].startswith("L2 flushed")
+    method = "cuda-graph+events" if graphs else "cuda-events"
+    for r in doc["results"]:
+        assert r["variants"]["engine"]["method"] == method and r["variants"]["engine"]["error"] is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_events_time_a_known_spin() -> None:
+    cycles = int(torch.cuda.get_device_properties(0).clock_rate * 1e3 * 0.002)  # ~2 ms of clock ticks
+    result = timing.measure(lambda: torch.cuda._sleep(cycles), device="cuda", reps=5, warmup=1)
+    assert result.method == "cuda-events"
+    assert 0.0005 < result.median < 0.05
