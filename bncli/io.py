@@ -490,6 +490,7 @@ class NpyWriter:
         self.dtype = np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         self.written = 0
+        self._failed = False
         self._fh: BinaryIO = self.path.open("wb", buffering=0)  # type: ignore[assignment]
         try:
             header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
@@ -508,13 +509,20 @@ class NpyWriter:
         """Append the next rows (a block of shape (rows, *shape[1:]) and this dtype)."""
         if block.dtype != self.dtype or tuple(block.shape[1:]) != self.shape[1:]:
             raise ValueError(f"block {block.shape} {block.dtype} does not fit {self.shape} {self.dtype}")
+        if self._failed:
+            raise OutputError(f"{self.path}: an earlier write failed; the file is incomplete.",
+                              hint="Fix the first error reported.")
         data = memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
         if self.written + len(data) > self.nbytes:
             raise ValueError("more rows written than the shape holds")
-        while data:
-            n = self._fh.write(data)
-            data = data[n:]
-            self.written += n
+        try:
+            while data:
+                n = self._fh.write(data)
+                data = data[n:]
+                self.written += n
+        except BaseException:
+            self._failed = True  # rows are appended in order: nothing may follow a gap
+            raise
 
     def close(self) -> None:
         """Check completeness, fsync and close (idempotent)."""

@@ -329,7 +329,9 @@ def test_save_state_feeds_normalize_eval(runner: CliRunner, tmp_path: Path) -> N
     n = x.size // 3
     np.testing.assert_allclose(y.std(axis=(0, 2, 3)), np.sqrt((n - 1) / n), rtol=1e-4)
     again = runner.invoke(app, ["stats", str(tmp_path / "x.npy"), "--save-state", str(state)])
-    assert again.exit_code == 1 and "already exists" in again.stderr
+    assert again.exit_code == 1 and "already exists" in again.stderr and again.stdout == ""
+    wrong = runner.invoke(app, ["stats", str(tmp_path / "x.npy"), "--save-state", str(tmp_path / "s.npy")])
+    assert wrong.exit_code == 1 and ".pt" in wrong.stderr
 
 
 def test_stats_errors_are_one_line(runner: CliRunner, tmp_path: Path) -> None:

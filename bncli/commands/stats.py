@@ -19,7 +19,7 @@ from bncli.commands.common import (
 
 
 def parse_chunk_size(value: str | None) -> int | None:
-    """``--chunk-size 16M`` -> bytes (typer callback; bad values exit 2)."""
+    """``--chunk-size 8M`` -> bytes (typer callback; bad values exit 2)."""
     if value is None:
         return None
     from bncli.outofcore import parse_size
@@ -76,10 +76,12 @@ def stats(
 
         bncli stats shards/*.safetensors --key images --save-state dataset_bn.pt --json
     """
-    from bncli import datastats
+    from bncli import datastats, io
     from bncli.outofcore import DEFAULT_CHUNK_BYTES
     from bncli.progress import progress_callback
 
+    if save_state is not None:  # refuse a bad destination before a long pass, not after
+        io.check_output(save_state, force=force, protect=inputs, allowed=io.STATE_SUFFIXES)
     with progress_callback(enabled=not as_json) as progress:
         result = datastats.dataset_stats(inputs, key=key, layout=layout.value,
                                          chunk_bytes=chunk_size or DEFAULT_CHUNK_BYTES, scale=scale,
