@@ -368,8 +368,8 @@ def _health_notes(rows: list[Row], env_copy_gbs: float) -> list[str]:
     # A stall can also be steady (low IQR): with several threads, a worker that another process
     # keeps off its core delays every parallel region by a scheduler tick. The copy of the same
     # bytes exposes it: it should never run far below the sweep's typical copy bandwidth.
-    big = [(r, g) for r in rows if r.bytes >= 1 << 20 and (g := r.gbs("copy"))]
-    if len(big) >= 3:
+    big = [(r, g) for r in rows if r.bytes >= 64 << 10 and (g := r.gbs("copy"))]
+    if big:
         typical = max(env_copy_gbs, sorted(g for _, g in big)[len(big) // 2])
         stalled = [r for r, g in big if g < typical / 4]
         if stalled:

@@ -12,6 +12,7 @@ No typer, no rich, no printing.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -99,7 +100,8 @@ def time_cases(cases: Mapping[str, Case], *, device: torch.device | str = "cpu",
     Each repetition runs every case once, in turn: first its ``before`` hook (untimed), then
     on CUDA an L2 flush (untimed), then the timed call. CPU calls are timed with
     ``time.perf_counter``; CUDA calls with a pair of CUDA events around the call (or around
-    a CUDA-graph replay with ``cuda_graphs``); MPS by synchronizing around the call.
+    a CUDA-graph replay with ``cuda_graphs``); MPS by synchronizing around the call. The
+    cyclic garbage collector is paused while timing, as ``timeit`` does.
 
     Args:
         cases: Name -> what to time.
@@ -136,30 +138,45 @@ def time_cases(cases: Mapping[str, Case], *, device: torch.device | str = "cpu",
     times: dict[str, list[float]] = {name: [] for name in cases}
     events: dict[str, list[tuple[Any, Any]]] = {name: [] for name in cases}
     names = list(cases)
-    for rep in range(reps):
-        # Rotate who goes first, so no variant always runs right after the same neighbour.
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            case = cases[name]
-            if case.before:
-                case.before()
-            if cuda:
-                if flush:
-                    flush()
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                calls[name]()
-                end.record()
-                events[name].append((begin, end))
-            else:
-                synchronize(device)
-                start = time.perf_counter()
-                calls[name]()
-                synchronize(device)
-                times[name].append(time.perf_counter() - start)
+    with _gc_paused():
+        for rep in range(reps):
+            # Rotate who goes first, so no variant always runs right after the same neighbour.
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                case = cases[name]
+                if case.before:
+                    case.before()
+                if cuda:
+                    if flush:
+                        flush()
+                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    begin.record()
+                    calls[name]()
+                    end.record()
+                    events[name].append((begin, end))
+                else:
+                    synchronize(device)
+                    start = time.perf_counter()
+                    calls[name]()
+                    synchronize(device)
+                    times[name].append(time.perf_counter() - start)
     if cuda:
         torch.cuda.synchronize(device)
         times = {name: [b.elapsed_time(e) / 1e3 for b, e in pairs] for name, pairs in events.items()}
     return {name: Timing(tuple(t), method) for name, t in times.items()}
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while timing, as timeit does: a collection landing in one
+    variant's call would charge it for garbage every variant made."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def measure(fn: Callable[[], object], **kwargs: Any) -> Timing:

@@ -6,6 +6,7 @@ on calls of known cost, with bounds a loaded 2-core machine meets.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -49,8 +50,11 @@ def test_harness_does_not_time_the_before_hook_and_interleaves() -> None:
         "a": timing.Case(lambda: calls.append("a"), before=lambda: time.sleep(0.02)),
         "b": timing.Case(lambda: calls.append("b")),
     }
+    gc_states: list[bool] = []
+    cases["c"] = timing.Case(lambda: gc_states.append(gc.isenabled()))
     timings = timing.time_cases(cases, reps=6, warmup=2)
-    assert [len(t.times) for t in timings.values()] == [6, 6]
+    assert [len(t.times) for t in timings.values()] == [6, 6, 6]
+    assert gc_states[2:] == [False] * 6 and gc.isenabled()  # paused while timing, as timeit does
     assert timings["a"].median < 0.01  # the 20 ms hook ran before every call, untimed
     timed = calls[4:]  # after 2 warm-up calls each
     assert sorted(timed) == ["a"] * 6 + ["b"] * 6
@@ -157,6 +161,20 @@ def test_backward_rows(runner: CliRunner) -> None:
     assert set(both["variants"]) == {"nn", "copy"} and both["ratio_engine_nn"] is None
     assert both["bytes"] == 2 * 3 * 8 * 8 * 4 * 8
     assert both["variants"]["nn"]["max_abs_err"] < 1e-4
+
+
+def test_stalled_and_noisy_rows_are_flagged() -> None:
+    def row(copy_s: float, spread: float = 0.0) -> bench.Row:
+        r = bench.Row((8, 3, 224, 224), "float32", "nchw", "eval", "forward")  # 4.8 MB: 2 passes, 9.6 MB
+        r.timings = {"copy": timing.Timing((copy_s - spread, copy_s, copy_s + spread), "perf_counter")}
+        return r
+
+    healthy = [row(0.0004), row(0.0004), row(0.0005)]  # ~20 GB/s
+    assert bench._health_notes(healthy, 20.0) == []
+    stalled = bench._health_notes([*healthy, row(0.008)], 20.0)  # ~1 GB/s, steady: a scheduler tick
+    assert len(stalled) == 1 and stalled[0].startswith("1 rows copied at under a quarter")
+    noisy = bench._health_notes([*healthy, row(0.0004, spread=0.0002)], 20.0)
+    assert len(noisy) == 1 and "IQR exceeds 10%" in noisy[0]
 
 
 # -- correctness gates and soft failures -----------------------------------------------------
