@@ -380,3 +380,26 @@ def test_iter_chunks_reads_without_a_memory_map(tmp_path: Path, monkeypatch: pyt
     blocks = list(io.iter_chunks(tmp_path / "x.npy", max_bytes=2 * 18 * 8))
     assert [b.shape[0] for b in blocks] == [2, 2, 1]
     np.testing.assert_array_equal(np.concatenate(blocks), x)
+
+
+def test_uint8_statistics_equal_exact_fractions(tmp_path: Path) -> None:
+    # Integer data have exact statistics (integer sums as fractions): a reference with
+    # no rounding at all, for shards in several files, chunked unevenly.
+    from fractions import Fraction
+
+    rng = np.random.default_rng(12)
+    parts = [rng.integers(0, 256, size=(n, 6, 5, 3), dtype=np.uint8) for n in (9, 2, 14)]
+    paths = []
+    for i, part in enumerate(parts):
+        np.save(tmp_path / f"s{i}.npy", part)
+        paths.append(tmp_path / f"s{i}.npy")
+    r = datastats.dataset_stats(paths, layout="nhwc", chunk_bytes=97, scale=255.0)
+    raw = np.concatenate(parts).reshape(-1, 3).astype(np.int64)
+    n = raw.shape[0]
+    for c in range(3):
+        s1, s2 = int(raw[:, c].sum()), int((raw[:, c] ** 2).sum())
+        mean = Fraction(s1, n * 255)
+        var = Fraction(n * s2 - s1 * s1, n * n * 255 * 255)
+        assert abs(r.moments.mean[c] / float(mean) - 1) < 1e-14
+        assert abs(r.moments.var[c] / float(var) - 1) < 1e-14
+        assert abs(r.moments.var_unbiased[c] / float(var * n / (n - 1)) - 1) < 1e-14
