@@ -152,8 +152,8 @@ def _render(r: Any, save_state: Path | None) -> None:
             ("min", m.minimum), ("max", m.maximum)]
     if m.non_finite.any():
         cols.append(("non-finite", m.non_finite))
-    table = Table(title="Per-channel statistics (exact; std is the biased one BatchNorm uses)",
-                  title_justify="left", show_edge=False, pad_edge=False)
+    # std is the biased one BatchNorm normalizes with; var (n-1) is what it keeps in running_var.
+    table = Table(title="Exact per-channel statistics", title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("ch", justify="right", style="bold")
     for header, _ in cols:
         table.add_column(header, justify="right")
