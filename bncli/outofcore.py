@@ -119,27 +119,31 @@ def shifted(items: Iterator[T], block_of: Callable[[T], np.ndarray], layout: str
 
 
 # -- out-of-core normalize -----------------------------------------------------------------
-def streamable(path: Path, output: Path, key: str | None = None) -> tuple[io.RawTensor | None, str]:
-    """Whether ``normalize`` can stream ``path`` to ``output``, and if not, why.
+def streamable(path: Path, output: Path, key: str | None = None) -> tuple[io.RawTensor | None, str, str]:
+    """Whether ``normalize`` can stream ``path`` to ``output``; if not, why and the fix.
 
     Returns:
-        ``(raw, "")`` when it can; ``(None, reason)`` when it cannot.
+        ``(raw, "", "")`` when it can; ``(None, reason, hint)`` when it cannot.
     """
     path, output = Path(path), Path(output)
     if path.suffix.lower() != ".npy":
         return None, (f"{path} is not a .npy file; out-of-core normalize streams .npy inputs "
-                      "(.npz and .pt have no random access)")
+                      "(.npz and .pt have no random access)"), \
+            "Use --in-memory, or save the tensor as .npy first (np.save('x.npy', x))."
     if output.suffix.lower() != ".npy":
-        return None, f"the output {output} is not a .npy file; out-of-core normalize writes .npy"
+        return None, f"the output {output} is not a .npy file; out-of-core normalize writes .npy", \
+            "Write a .npy (-o OUT.npy), or use --in-memory for other formats."
     if key:
-        return None, "--key does not apply to a .npy file"
+        return None, "--key does not apply to a .npy file", "Drop --key."
     raw = io.raw_tensor(path)
     if raw is None:  # pragma: no cover - .npy always has a raw layout
-        return None, f"{path} has no random access"
+        return None, f"{path} has no random access", "Use --in-memory."
     if raw.fortran_order:
         return None, (f"{path} is stored in Fortran (column-major) order, so its samples are "
-                      "not contiguous rows")
-    return raw, ""
+                      "not contiguous rows"), \
+            ("Use --in-memory, or re-save it in C order: "
+             "np.save('c.npy', np.ascontiguousarray(np.load('x.npy', mmap_mode='r'))).")
+    return raw, "", ""
 
 
 def _refuse_invalid(raw: io.RawTensor, *, mode: str, layout: str, num_features: int | None) -> None:
@@ -165,13 +169,11 @@ def use_out_of_core(path: Path, output: Path, *, key: str | None = None, executi
     """
     if execution == "in-memory":
         return False
-    raw, why = streamable(path, output, key)
+    raw, why, hint = streamable(path, output, key)
     if execution == "out-of-core":
         if raw is None:
-            cls = OutputError if "output" in why else InputError
-            raise cls(f"Cannot normalize out of core: {why}.",
-                      hint="Use --in-memory, or convert: np.save('x.npy', np.ascontiguousarray(x)) "
-                           "and write the output with -o out.npy.")
+            cls = OutputError if why.startswith("the output") else InputError
+            raise cls(f"Cannot normalize out of core: {why}.", hint=hint)
         return True
     if raw is None:
         return False
@@ -208,9 +210,9 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
 
     path, output = Path(path), Path(output)
     opts = opts or core.EngineOptions()
-    raw, why = streamable(path, output, key)
+    raw, why, hint = streamable(path, output, key)
     if raw is None:
-        raise InputError(f"Cannot normalize out of core: {why}.", hint="Use --in-memory.")
+        raise InputError(f"Cannot normalize out of core: {why}.", hint=hint)
     io.check_output(output, force=force, protect=[path])
     if save_state is not None:
         io.check_output(save_state, force=force, protect=[path, output], allowed=io.STATE_SUFFIXES)
