@@ -11,7 +11,6 @@ from bncli.commands.common import (
     JsonOpt,
     KeyOpt,
     Layout,
-    LayoutOpt,
     finite_or_none,
     handle_errors,
     print_json,
@@ -47,7 +46,8 @@ def stats(
         help="Tensor files (shards) with the same channel count: .npy, .pt/.pth, .npz, .safetensors.",
         show_default=False)],
     key: KeyOpt = None,
-    layout: LayoutOpt = Layout.nchw,
+    layout: Annotated[Layout, typer.Option(
+        "--layout", help="nchw: (N, C, H, W); nhwc: channels-last (N, H, W, C) arrays.")] = Layout.nchw,
     chunk_size: ChunkSizeOpt = None,
     scale: Annotated[float, typer.Option(
         "--scale", callback=lambda v: _positive(v, "--scale"),
