@@ -16,6 +16,7 @@ import torch
 from bncli import io
 from bncli.engine import STATE_KEYS, BatchNormConfig, BatchNormEngine, resolve_device, validate_input
 from bncli.errors import DTypeError, ShapeError, StateError
+from bncli.moments import Moments
 
 
 @dataclass(frozen=True)
@@ -147,15 +148,31 @@ def build_engine(opts: EngineOptions, *, data_channels: int | None, data_dtype: 
     return engine, source
 
 
+def tensor_moments(x: torch.Tensor, layout: str, *, chunk_bytes: int = 8 << 20) -> Moments:
+    """Exact per-channel moments of a tensor, float64 accumulation in bounded pieces.
+
+    Walks axis 0 in blocks of about ``chunk_bytes`` (bfloat16 widened per block), so no
+    full-size float64 copy is made: the report of a 2 GiB normalize costs no extra 4 GiB.
+    """
+    x = x.detach().cpu()
+    c = int(x.shape[3] if layout == "nhwc" else x.shape[1])
+    moments = Moments.empty(c)
+    rows = max(1, chunk_bytes // max(1, x[0].numel() * x.element_size())) if x.shape[0] else 1
+    for start in range(0, x.shape[0], rows):
+        block = x[start:start + rows]
+        if block.dtype == torch.bfloat16:
+            block = block.float()
+        moments.update(block.numpy(), layout, extrema=False)
+    return moments
+
+
 def channel_moments(x: torch.Tensor, layout: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and (biased) std in float64, the check tutorials do by hand."""
-    x64 = x.detach().to("cpu", torch.float64)
-    dims = (0, 1, 2) if layout == "nhwc" else (0, 2, 3)
-    if x64.numel() == 0:
-        c = x64.shape[3 if layout == "nhwc" else 1]
+    if x.numel() == 0:
+        c = x.shape[3 if layout == "nhwc" else 1]
         return np.full(c, np.nan), np.full(c, np.nan)
-    var, mean = torch.var_mean(x64, dim=dims, correction=0)
-    return mean.numpy(), var.sqrt().numpy()
+    m = tensor_moments(x, layout)
+    return m.mean, m.std
 
 
 def refuse_invalid(x: torch.Tensor, *, mode: str, layout: str, num_features: int | None, where: Path) -> None:
@@ -297,8 +314,8 @@ def compare_file(path: Path, *, key: str | None, layout: str, opts: EngineOption
     after = train_engine.state_dict()
     dims = (0, 1, 2) if layout == "nhwc" else (0, 2, 3)
     diff = (y_train.to("cpu", torch.float64) - y_eval.to("cpu", torch.float64)).abs().amax(dim=dims)
-    x64 = x.to(torch.float64)
-    bvar, bmean = torch.var_mean(x64, dim=dims, correction=0)
+    batch = tensor_moments(x, layout)
+    bmean, bvar = batch.mean, batch.var
     tm, ts = channel_moments(y_train, layout)
     em, es = channel_moments(y_eval, layout)
     count = int(x.numel() // train_engine.config.num_features)
@@ -309,6 +326,6 @@ def compare_file(path: Path, *, key: str | None, layout: str, opts: EngineOption
     nbt = after.get("num_batches_tracked")
     return CompareResult(
         Path(path), key, tuple(x.shape), str(x.dtype).replace("torch.", ""), layout, source,
-        train_engine.config, bmean.numpy(), bvar.numpy(), get(before, "running_mean"),
+        train_engine.config, bmean, bvar, get(before, "running_mean"),
         get(before, "running_var"), get(after, "running_mean"), get(after, "running_var"),
         int(nbt) if nbt is not None else None, tm, ts, em, es, diff.numpy(), count)
