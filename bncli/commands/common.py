@@ -135,9 +135,10 @@ def finite_or_none(value: float) -> float | None:
 
 
 # -- options shared by every command that builds an engine --------------------------------
+LAYER_PANEL = "BatchNorm2d layer (same names as the module's arguments)"
 # Annotated aliases so normalize and compare spell each flag (and its help) once.
 InputArg = Annotated[Path, typer.Argument(help="Tensor file: .npy, .pt/.pth, .npz or .safetensors.",
-                                          show_default=False)]
+                                          show_default=False, metavar="INPUT")]
 KeyOpt = Annotated[str | None, typer.Option(
     "--key", "-k", help="Which tensor of a .pt/.npz/.safetensors that holds several (listed if ambiguous).")]
 ModeOpt = Annotated[Mode, typer.Option(
@@ -146,25 +147,34 @@ ModeOpt = Annotated[Mode, typer.Option(
 LayoutOpt = Annotated[Layout, typer.Option(
     "--layout", help="nchw: (N, C, H, W); nhwc: channels-last (N, H, W, C) arrays, written back NHWC.")]
 EpsOpt = Annotated[float, typer.Option("--eps", callback=parse_eps,
-                                       help="Added to the variance for stability (BatchNorm2d eps).")]
+                                       help="Added to the variance for stability (BatchNorm2d eps).",
+    rich_help_panel=LAYER_PANEL)]
 MomentumOpt = Annotated[str, typer.Option(
     "--momentum", metavar="FLOAT|none",
-    help="Running-stats update weight in [0, 1]; 'none' = cumulative average (1/num_batches_tracked).")]
+    help="Running-stats update weight in [0, 1]; 'none' = cumulative average (1/num_batches_tracked).",
+    rich_help_panel=LAYER_PANEL)]
 AffineOpt = Annotated[bool, typer.Option("--affine/--no-affine",
-                                         help="Learnable per-channel weight and bias (BatchNorm2d affine).")]
+                                         help="Learnable per-channel weight and bias (BatchNorm2d affine).",
+    rich_help_panel=LAYER_PANEL)]
 TrackOpt = Annotated[bool, typer.Option(
     "--track-running-stats/--no-track-running-stats",
-    help="Keep running mean/var; without them eval mode also uses batch statistics.")]
+    help="Keep running mean/var; without them eval mode also uses batch statistics.",
+    rich_help_panel=LAYER_PANEL)]
 NumFeaturesOpt = Annotated[int | None, typer.Option(
-    "--num-features", "-C", min=1, help="Channel count C of the layer (default: from --state, else the data).")]
+    "--num-features", "-C", min=1, help="Channel count C of the layer (default: from --state, else the data).",
+    rich_help_panel=LAYER_PANEL)]
 WeightOpt = Annotated[str | None, typer.Option(
-    "--weight", metavar="LIST|FILE", help="Per-channel weight (gamma): '1,0.5,2' or a 1D tensor file.")]
+    "--weight", metavar="LIST|FILE", help="Per-channel weight (gamma): '1,0.5,2' or a 1D tensor file.",
+    rich_help_panel=LAYER_PANEL)]
 BiasOpt = Annotated[str | None, typer.Option(
-    "--bias", metavar="LIST|FILE", help="Per-channel bias (beta): '0,0.1,0' or a 1D tensor file.")]
+    "--bias", metavar="LIST|FILE", help="Per-channel bias (beta): '0,0.1,0' or a 1D tensor file.",
+    rich_help_panel=LAYER_PANEL)]
 StateOpt = Annotated[Path | None, typer.Option(
     "--state", metavar="FILE",
-    help="state_dict or whole-model checkpoint (.pt/.safetensors) to take weight, bias and running stats from.")]
+    help="state_dict or whole-model checkpoint (.pt/.safetensors) to take weight, bias and running stats from.",
+    rich_help_panel=LAYER_PANEL)]
 PrefixOpt = Annotated[str | None, typer.Option(
-    "--prefix", metavar="NAME", help="Layer in a model checkpoint, e.g. layer1.0.bn1 (lists the layers if wrong).")]
+    "--prefix", metavar="NAME", help="Layer in a model checkpoint, e.g. layer1.0.bn1 (lists the layers if wrong).",
+    rich_help_panel=LAYER_PANEL)]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run; auto picks cuda/mps when available.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
