@@ -3,7 +3,8 @@
 Why not ``torch.utils.benchmark.Timer``: it times blocks of calls, so it cannot run untimed
 work between two calls (resetting BatchNorm's running stats, flushing the GPU's L2), and it
 times CUDA by synchronizing the host rather than with device events. :func:`time_cases`
-does both, and interleaves the cases so that a busy machine slows them alike. (``bncli
+does both, and interleaves the cases in a shuffled order so that a busy machine slows
+them alike and no case always inherits the same predecessor's cache. (``bncli
 bench`` still uses ``Timer`` for the environment's copy bandwidth, where neither matters.)
 
 No typer, no rich, no printing.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -97,11 +99,11 @@ def time_cases(cases: Mapping[str, Case], *, device: torch.device | str = "cpu",
                flush_l2: bool = True, cuda_graphs: bool = False) -> dict[str, Timing]:
     """Time several callables call by call, interleaved, after a warm-up.
 
-    Each repetition runs every case once, in turn: first its ``before`` hook (untimed), then
-    on CUDA an L2 flush (untimed), then the timed call. CPU calls are timed with
-    ``time.perf_counter``; CUDA calls with a pair of CUDA events around the call (or around
-    a CUDA-graph replay with ``cuda_graphs``); MPS by synchronizing around the call. The
-    cyclic garbage collector is paused while timing, as ``timeit`` does.
+    Each repetition runs every case once, in a freshly shuffled (seeded) order: first its
+    ``before`` hook (untimed), then on CUDA an L2 flush (untimed), then the timed call. CPU
+    calls are timed with ``time.perf_counter``; CUDA calls with a pair of CUDA events around
+    the call (or around a CUDA-graph replay with ``cuda_graphs``); MPS by synchronizing around
+    the call. The cyclic garbage collector is paused while timing, as ``timeit`` does.
 
     Args:
         cases: Name -> what to time.
@@ -137,11 +139,14 @@ def time_cases(cases: Mapping[str, Case], *, device: torch.device | str = "cpu",
     flush = l2_flusher(device) if flush_l2 else None
     times: dict[str, list[float]] = {name: [] for name in cases}
     events: dict[str, list[tuple[Any, Any]]] = {name: [] for name in cases}
-    names = list(cases)
+    order, shuffle = list(cases), random.Random(0).shuffle
     with _gc_paused():
-        for rep in range(reps):
-            # Rotate who goes first, so no variant always runs right after the same neighbour.
-            for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for _ in range(reps):
+            # A fresh order every repetition: what ran just before a call (and so what its
+            # cache holds) differs by variant otherwise. A fixed rotation of three made two
+            # identical modules differ by 25% here, the one after a big NCHW kernel losing.
+            shuffle(order)
+            for name in order:
                 case = cases[name]
                 if case.before:
                     case.before()
