@@ -70,3 +70,29 @@ def test_normalize_does_import_torch(tmp_path: Path) -> None:
     np.save(tmp_path / "ok.npy", np.zeros((2, 3, 4, 4), np.float32))
     imported, line = probe("normalize", str(tmp_path / "ok.npy"))
     assert imported and "EXIT=0" in line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SCRIPT.exists(), reason="bncli console script not installed beside this python")
+def test_ctrl_c_leaves_no_partial_file(tmp_path: Path) -> None:
+    """A real SIGINT mid-write: exit 130, neither the output nor a temp file remains."""
+    import signal
+    import time
+
+    src = tmp_path / "big.npy"
+    out = np.lib.format.open_memmap(src, mode="w+", dtype=np.float32, shape=(512, 4, 128, 128))
+    out[:] = 1.0
+    out[::2] = 3.0
+    del out
+    proc = subprocess.Popen([str(SCRIPT), "normalize", str(src), "--out-of-core", "--chunk-size", "256K"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".big.bn.npy.*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be interrupted")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Interrupted" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npy"]
