@@ -109,7 +109,7 @@ class Row:
     pass_: str
     engine_path: str | None = None  # "module" or "channels-last fast path" (forward rows)
     timings: dict[str, Timing] = field(default_factory=dict)
-    errors: dict[str, float] = field(default_factory=dict)  # variant -> max |y - y_float64|
+    errors: dict[str, float | None] = field(default_factory=dict)  # variant -> max |y - y_float64|
     failures: dict[str, str] = field(default_factory=dict)  # variant -> why it was not timed
 
     @property
@@ -118,7 +118,7 @@ class Row:
 
     def gbs(self, variant: str) -> float | None:
         t = self.timings.get(variant)
-        if t is None:
+        if t is None or t.median <= 0:
             return None
         moved = self.bytes if variant != "copy" else math.prod(self.shape) * DTYPES[self.dtype].itemsize * 2
         return moved / t.median / 1e9
@@ -315,7 +315,7 @@ def _bench_row(row: Row, device: torch.device, s: Settings, notes: list[str], us
             del cases[name]
             continue
         err, bad = _check(y, ref, modules[name], ref_state, dtype)
-        row.errors[name] = err
+        row.errors[name] = err if math.isfinite(err) else None  # JSON has no NaN
         if bad:
             row.failures[name] = bad
             notes.append(f"{row.shape} {row.dtype} {row.layout} {row.mode}: {name} {bad}; not timed.")
