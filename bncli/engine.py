@@ -412,7 +412,9 @@ class BatchNormEngine:
         if self.module.training != (mode == "train"):
             self.module.train(mode == "train")
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-            k = channels_last_fast_path(x, mode)
+            # Eval without running stats computes batch statistics: the train thresholds apply.
+            batch_stats = mode == "train" or self.module.running_mean is None
+            k = channels_last_fast_path(x, "train" if batch_stats else "eval")
             y = _fast_channels_last(self.module, x, k) if k else _module_forward(self.module, x)
         if layout == "nhwc":
             y = y.permute(0, 2, 3, 1)
