@@ -1,0 +1,363 @@
+"""Reading: format detection, header peeks and safe loading of .npy/.npz/.pt/.safetensors.
+
+Nothing here ever unpickles (see :mod:`bncli.io`). torch is imported lazily, only for
+``.pt`` files and for returning torch tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+
+from bncli.errors import InputError, KeyChoiceError, UnsafeFileError
+
+if TYPE_CHECKING:
+    import torch
+
+TENSOR_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+STATE_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+# safetensors dtype tag -> (numpy dtype or None, bncli dtype name)
+_ST_DTYPES: dict[str, tuple[str | None, str]] = {
+    "F64": ("<f8", "float64"), "F32": ("<f4", "float32"), "F16": ("<f2", "float16"),
+    "BF16": (None, "bfloat16"), "I64": ("<i8", "int64"), "I32": ("<i4", "int32"),
+    "I16": ("<i2", "int16"), "I8": ("i1", "int8"), "U8": ("u1", "uint8"),
+    "U16": ("<u2", "uint16"), "U32": ("<u4", "uint32"), "U64": ("<u8", "uint64"),
+    "BOOL": ("?", "bool"),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a file holds, read from its header where the format allows.
+
+    Attributes:
+        path: The file.
+        key: The chosen tensor's key inside a container (None for a bare tensor).
+        shape: Its shape.
+        dtype: Its dtype name (``float32``, ``bfloat16``, ``uint8`` ...).
+        keys: Every tensor in the file as (key, shape, dtype), for listings.
+    """
+
+    path: Path
+    key: str | None
+    shape: tuple[int, ...]
+    dtype: str
+    keys: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+
+
+def suffix_of(path: Path, allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> str:
+    """The lower-case format suffix, or an InputError naming the supported ones."""
+    suffix = path.suffix.lower()
+    if suffix not in allowed:
+        raise InputError(
+            f"{path}: unsupported file type {suffix or '(no extension)'!r}.",
+            hint=f"bncli reads {', '.join(allowed)} files.",
+        )
+    return suffix
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: no such file.", hint="Check the path (and the current directory).")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a tensor file.", hint="Pass a file inside it.")
+
+
+def _unsafe(path: Path, why: str) -> UnsafeFileError:
+    return UnsafeFileError(
+        f"{path}: refused to load: {why}. Loading it would need pickle, which can run "
+        "arbitrary code, so bncli does not.",
+        hint="Re-save the data as plain tensors (np.save of a numeric array, "
+             "torch.save(tensor or state_dict), or .safetensors) from a trusted environment.",
+    )
+
+
+def _torch_dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# -- .npy / .npz headers -------------------------------------------------------------------
+def _read_npy_header(fh: BinaryIO, path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset) of an open .npy stream."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    except ValueError as exc:
+        if dtype_needs_pickle_message(str(exc)):
+            raise _unsafe(path, "its array holds Python objects") from None
+        raise InputError(f"{path}: not a valid .npy file ({exc}).",
+                         hint="Was it written with numpy.save?") from None
+    return tuple(int(s) for s in shape), dtype, bool(fortran), fh.tell()
+
+
+def dtype_needs_pickle_message(text: str) -> bool:
+    return "allow_pickle" in text or "pickle" in text.lower()
+
+
+def _npy_info(path: Path) -> TensorInfo:
+    with path.open("rb") as fh:
+        head = fh.read(6)
+        fh.seek(0)
+        if head != b"\x93NUMPY":
+            if head[:1] == b"\x80":
+                raise _unsafe(path, "it is a Python pickle, not a .npy array")
+            raise InputError(f"{path}: not a .npy file (bad magic bytes).",
+                             hint="Was it written with numpy.save? Check the extension.")
+        shape, dtype, _, _ = _read_npy_header(fh, path)
+    if dtype.hasobject:
+        raise _unsafe(path, "its array holds Python objects (dtype=object)")
+    return TensorInfo(path, None, shape, dtype.name, [("", shape, dtype.name)])
+
+
+def _npz_members(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        with path.open("rb") as fh:
+            if fh.read(1) == b"\x80":
+                raise _unsafe(path, "it is a Python pickle, not an .npz archive") from None
+        raise InputError(f"{path}: not a valid .npz (zip) archive.",
+                         hint="Was it written with numpy.savez?") from None
+    members = []
+    with zf:
+        for name in zf.namelist():
+            if not name.endswith(".npy"):
+                continue
+            with zf.open(name) as fh:
+                shape, dtype, _, _ = _read_npy_header(fh, path)  # type: ignore[arg-type]
+            if dtype.hasobject:
+                raise _unsafe(path, f"member {name[:-4]!r} holds Python objects (dtype=object)")
+            members.append((name[:-4], shape, dtype.name))
+    return members
+
+
+# -- .safetensors header ------------------------------------------------------------------
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise InputError(f"{path}: too short to be a .safetensors file.", hint="Check the file.")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100_000_000):
+            raise InputError(f"{path}: not a valid .safetensors file (header length {n}).",
+                             hint="Check the file and its extension.")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError(f"{path}: not a valid .safetensors file (bad JSON header).",
+                             hint="Check the file and its extension.") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _safetensors_members(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+    header, _ = _safetensors_header(path)
+    out = []
+    for key, meta in header.items():
+        tag = meta.get("dtype", "?")
+        name = _ST_DTYPES.get(tag, (None, tag.lower()))[1]
+        out.append((key, tuple(int(s) for s in meta.get("shape", ())), name))
+    return out
+
+
+# -- .pt -----------------------------------------------------------------------------------
+def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _flatten(v, f"{prefix}.{i}" if prefix else str(i), out)
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a .pt file under dotted keys ('' for a bare tensor)."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it does not expect; the refusal below says it all.
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "Unsupported" in ln or "GLOBAL" in ln), "")
+        why = "it contains Python objects that only a full (unsafe) unpickle can rebuild"
+        raise _unsafe(path, why + (f" [{detail}]" if detail else "")) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: cannot read this .pt file ({str(exc).splitlines()[0][:200]}).",
+                         hint="Is it a file written by torch.save? It may be truncated.") from None
+    out: dict[str, torch.Tensor] = {}
+    _flatten(obj, "", out)
+    return out
+
+
+# -- public API ----------------------------------------------------------------------------
+def _choose(path: Path, members: list[tuple[str, tuple[int, ...], str]], key: str | None) -> str:
+    if not members:
+        raise InputError(f"{path}: holds no tensors.", hint="Check that this is the right file.")
+    names = [m[0] for m in members]
+    if key is not None:
+        if key not in names:
+            raise KeyChoiceError(f"{path}: has no tensor named {key!r}.",
+                                 hint="Choose with --key, one of: " + _listing(members))
+        return key
+    if len(members) == 1:
+        return names[0]
+    raise KeyChoiceError(f"{path}: holds {len(members)} tensors; which one?",
+                         hint="Choose with --key, one of: " + _listing(members))
+
+
+def _listing(members: list[tuple[str, tuple[int, ...], str]], limit: int = 12) -> str:
+    shown = [f"{k} {tuple(s)} {d}" for k, s, d in members[:limit]]
+    more = f" ... and {len(members) - limit} more" if len(members) > limit else ""
+    return "; ".join(shown) + more
+
+
+def peek(path: Path, key: str | None = None) -> TensorInfo:
+    """Shape and dtype of the tensor a file holds, reading only headers where possible.
+
+    ``.npy``, ``.npz`` and ``.safetensors`` are read without torch and without their
+    data; ``.pt`` has no header, so it is loaded (safely) with torch.
+
+    Raises:
+        InputError, UnsafeFileError, KeyChoiceError: see the messages.
+    """
+    path = Path(path)
+    _require_file(path)
+    suffix = suffix_of(path)
+    if suffix == ".npy":
+        info = _npy_info(path)
+        if key not in (None, ""):
+            raise KeyChoiceError(f"{path}: a .npy file holds one array; --key {key!r} does not apply.",
+                                 hint="Drop --key.")
+        return info
+    if suffix == ".npz":
+        members = _npz_members(path)
+    elif suffix == ".safetensors":
+        members = _safetensors_members(path)
+    else:
+        tensors = _torch_load(path)
+        members = [(k, tuple(v.shape), _torch_dtype_name(v.dtype)) for k, v in tensors.items()]
+    chosen = _choose(path, members, key)
+    _, shape, dtype = next(m for m in members if m[0] == chosen)
+    return TensorInfo(path, chosen or None, shape, dtype, members)
+
+
+def load_tensor(path: Path, key: str | None = None) -> tuple[torch.Tensor, str | None]:
+    """Load one tensor as a CPU ``torch.Tensor`` (dtype kept), safely.
+
+    Returns:
+        The tensor and its key inside the file (None for a bare tensor / .npy).
+    """
+    import torch
+
+    path = Path(path)
+    _require_file(path)
+    suffix = suffix_of(path)
+    if suffix == ".pt" or suffix == ".pth":
+        tensors = _torch_load(path)
+        members = [(k, tuple(v.shape), _torch_dtype_name(v.dtype)) for k, v in tensors.items()]
+        chosen = _choose(path, members, key)
+        return tensors[chosen], chosen or None
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        chosen = _choose(path, _safetensors_members(path), key)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return fh.get_tensor(chosen), chosen
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"{path}: cannot read tensor {chosen!r} ({exc}).",
+                             hint="The file may be truncated or corrupt.") from None
+    array, chosen_key = load_numpy(path, key)
+    return torch.from_numpy(np.ascontiguousarray(array)), chosen_key
+
+
+def load_numpy(path: Path, key: str | None = None, *, mmap: bool = False) -> tuple[np.ndarray, str | None]:
+    """Load a ``.npy``/``.npz`` array with ``allow_pickle=False`` (``mmap`` for .npy)."""
+    path = Path(path)
+    _require_file(path)
+    suffix = suffix_of(path, (".npy", ".npz"))
+    if suffix == ".npy":
+        _npy_info(path)  # refuses pickles and object arrays with a clear reason
+        try:
+            return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None), None
+        except ValueError as exc:
+            if dtype_needs_pickle_message(str(exc)):
+                raise _unsafe(path, "it needs pickle") from None
+            raise InputError(f"{path}: cannot read ({exc}).", hint="The file may be truncated.") from None
+    chosen = _choose(path, _npz_members(path), key)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return npz[chosen], chosen
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        if dtype_needs_pickle_message(str(exc)):
+            raise _unsafe(path, f"member {chosen!r} needs pickle") from None
+        raise InputError(f"{path}: cannot read member {chosen!r} ({exc}).",
+                         hint="The archive may be truncated.") from None
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A flat ``{dotted.key: tensor}`` view of a state_dict or checkpoint (.pt/.safetensors).
+
+    Nested checkpoints (``{"model": state_dict, "epoch": 3}``) flatten to
+    ``model.layer1.0.bn1.weight`` style keys.
+    """
+    path = Path(path)
+    _require_file(path)
+    suffix = suffix_of(path, STATE_SUFFIXES)
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        _safetensors_header(path)
+        try:
+            return dict(load_file(str(path)))
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"{path}: cannot read ({exc}).", hint="The file may be corrupt.") from None
+    return _torch_load(path)
+
+
+def parse_vector(spec: str, what: str) -> np.ndarray:
+    """``--weight 1,2,3`` or ``--weight w.npy`` -> a float64 vector.
+
+    Raises:
+        InputError: Neither a comma list of numbers nor a readable 1D tensor file.
+    """
+    path = Path(spec)
+    if path.suffix.lower() in TENSOR_SUFFIXES:
+        if path.suffix.lower() in (".npy", ".npz"):
+            array, _ = load_numpy(path)
+        else:
+            tensor, _ = load_tensor(path)
+            array = tensor.double().numpy()
+        array = np.asarray(array, dtype=np.float64)
+        if array.ndim != 1:
+            raise InputError(f"--{what} {spec}: expected a 1D vector, got shape {array.shape}.",
+                             hint=f"Save one value per channel, e.g. np.save('{what}.npy', np.ones(C)).")
+        return array
+    try:
+        return np.array([float(v) for v in spec.split(",") if v.strip()], dtype=np.float64)
+    except ValueError:
+        raise InputError(f"--{what} {spec!r}: not a comma-separated list of numbers nor a tensor file.",
+                         hint=f"Example: --{what} 1.0,0.5,2.0 (one value per channel) "
+                              f"or --{what} {what}.npy.") from None
