@@ -20,8 +20,12 @@ app = typer.Typer(
         "Apply torch.nn.BatchNorm2d to tensors saved on disk (.npy .pt .npz .safetensors), "
         "and explain what goes wrong around it.\n\n"
         "Start with `bncli check-shape FILE`, then `bncli normalize FILE`; "
-        "`bncli compare FILE` shows what model.eval() changes."
+        "`bncli compare FILE` shows what model.eval() changes; `bncli stats FILES` gives exact "
+        "dataset mean/std; `bncli bench` times BatchNorm2d on this machine. "
+        "Every command has --json for scripts."
     ),
+    epilog="Exit codes: 0 success; 1 an expected failure (message and fix on stderr); "
+           "2 bad usage; 130 interrupted. --debug shows tracebacks.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
