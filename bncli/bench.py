@@ -15,7 +15,7 @@ import math
 import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -231,6 +231,23 @@ def _check(y: torch.Tensor, ref: torch.Tensor, module: nn.Module, ref_state: Map
     return err, (f"differs from the float64 reference (max abs error {err:.3g})" if bad else None)
 
 
+class _TimingOptions(TypedDict):
+    """The keyword arguments every row passes to :func:`bncli.timing.time_cases`."""
+
+    device: torch.device
+    reps: int | None
+    warmup: int
+    target_s: float
+    flush_l2: bool
+
+
+def _with_backward(fn: Callable[[], torch.Tensor], dy: torch.Tensor) -> Callable[[], None]:
+    """A step that runs ``fn`` and back-propagates ``dy`` through its output."""
+    def step() -> None:
+        fn().backward(dy)
+    return step
+
+
 def _bench_row(row: Row, device: torch.device, s: Settings, notes: list[str], use_compile: bool) -> None:
     """Build the variants of one row, check each against float64, then time them together."""
     n, c, h, w = row.shape
@@ -266,12 +283,12 @@ def _bench_row(row: Row, device: torch.device, s: Settings, notes: list[str], us
         modules["compile"] = compiled_module
         runs["compile"] = lambda: compiled(x)
     backward = row.pass_ == "forward+backward"
+    steps: dict[str, Callable[[], object]] = dict(runs)  # what is timed: a forward, or forward+backward
     if backward:
-        del runs["engine"]  # the engine is a no-grad data path
         x.requires_grad_(True)
         dy = torch.randn(row.shape, generator=gen, dtype=torch.float64).to(device, dtype)
-        for name in list(runs):
-            runs[name] = (lambda f: lambda: f().backward(dy))(runs[name])
+        # the engine is a no-grad data path
+        steps = {name: _with_backward(fn, dy) for name, fn in runs.items() if name != "engine"}
 
     def reset(module: nn.Module) -> Callable[[], None]:
         def go() -> None:
@@ -283,7 +300,7 @@ def _bench_row(row: Row, device: torch.device, s: Settings, notes: list[str], us
         return go
 
     cases = {name: Case(fn, reset(modules[name]) if row.mode == "train" or backward else None)
-             for name, fn in runs.items()}
+             for name, fn in steps.items()}
     out = torch.empty_like(data)
     cases["copy"] = Case(lambda: out.copy_(data))
 
@@ -292,6 +309,7 @@ def _bench_row(row: Row, device: torch.device, s: Settings, notes: list[str], us
     if backward:
         xr = x.detach().to(ref.device).to(torch.float64).requires_grad_(True)
         _reference(xr, state, row.mode, eps, momentum)[0].backward(dy.to(ref.device).to(torch.float64))
+        assert xr.grad is not None  # xr is a leaf that requires grad and took part in backward()
         ref, ref_state = xr.grad, {}
     for name in list(cases):
         if name == "copy":
@@ -299,13 +317,14 @@ def _bench_row(row: Row, device: torch.device, s: Settings, notes: list[str], us
         before = cases[name].before
         if before is not None:
             before()
+        y: torch.Tensor | None
         try:
             if backward:
                 cases[name].fn()
                 y = x.grad
             else:
                 with torch.no_grad():
-                    y = cases[name].fn()
+                    y = runs[name]()  # the same callable as cases[name].fn, typed as returning a tensor
                 y = y.permute(0, 3, 1, 2) if name == "engine" and row.layout == "nhwc" else y
         except Exception as exc:  # noqa: BLE001 - torch.compile fails in many ways; report, go on
             if name != "compile":
@@ -314,14 +333,15 @@ def _bench_row(row: Row, device: torch.device, s: Settings, notes: list[str], us
             notes.append(f"{row.shape} {row.dtype} {row.layout} {row.mode}: {row.failures[name]}")
             del cases[name]
             continue
+        assert y is not None, f"{name}: backward() left no gradient on the input"
         err, bad = _check(y, ref, modules[name], ref_state, dtype)
         row.errors[name] = err if math.isfinite(err) else None  # JSON has no NaN
         if bad:
             row.failures[name] = bad
             notes.append(f"{row.shape} {row.dtype} {row.layout} {row.mode}: {name} {bad}; not timed.")
             del cases[name]
-    timing = {"device": device, "reps": s.reps, "warmup": s.warmup, "target_s": s.target_s,
-              "flush_l2": s.flush_l2}
+    timing: _TimingOptions = {"device": device, "reps": s.reps, "warmup": s.warmup,
+                              "target_s": s.target_s, "flush_l2": s.flush_l2}
     with torch.enable_grad() if backward else torch.no_grad():
         try:
             row.timings = time_cases(cases, cuda_graphs=s.cuda_graphs, **timing)
@@ -337,7 +357,8 @@ def _bench_row(row: Row, device: torch.device, s: Settings, notes: list[str], us
 def plan(s: Settings, device: torch.device) -> tuple[str, list[Row], list[str]]:
     """The rows a sweep will run (preset resolved), and notes on what was left out."""
     name, shapes, dtypes = s.resolved(device)
-    rows, notes = [], []
+    rows: list[Row] = []
+    notes: list[str] = []
     for dt in dtypes:
         if not _supported(DTYPES[dt], device):
             notes.append(f"{dt} is not supported on {device}; skipped.")

@@ -18,7 +18,7 @@ from bncli.commands.common import (
 
 
 def parse_chunk_size(value: str | None) -> int | None:
-    """``--chunk-size 8M`` -> bytes (typer callback; bad values exit 2)."""
+    """``--chunk-size 8M`` -> bytes (typer parser; bad values exit 2)."""
     if value is None:
         return None
     from bncli.outofcore import parse_size
@@ -35,8 +35,9 @@ def _positive(value: float, name: str) -> float:
     return value
 
 
-ChunkSizeOpt = Annotated[str | None, typer.Option(
-    "--chunk-size", metavar="SIZE", callback=parse_chunk_size,
+# The parser turns the text given ("8M") into the int of bytes the command receives.
+ChunkSizeOpt = Annotated[int | None, typer.Option(
+    "--chunk-size", metavar="SIZE", parser=parse_chunk_size,
     help="Bytes read per chunk, e.g. 4M, 64MiB, 1G (default 8M). Peak memory is a few chunks.")]
 
 
