@@ -432,12 +432,7 @@ class BatchNormEngine:
         # Always validate: a channel mismatch would otherwise reach F.batch_norm's opaque
         # "running_mean should contain C elements" RuntimeError. Eval rules: the stats are given.
         validate_input(tuple(x.shape), x.dtype, self.config.num_features, "eval", layout)
-        c = self.config.num_features
-        for name, stat in (("mean", mean), ("var", var)):
-            if tuple(stat.shape) != (c,):
-                raise StateError(f"The batch {name} has shape {tuple(stat.shape)}, but the layer has "
-                                 f"num_features={c} (expected shape ({c},)).",
-                                 hint="Pass per-channel statistics computed over (N, H, W).")
+        self._check_stats(mean, var)
         x = x.to(self.device)
         self._match_dtype(x)
         param = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -452,6 +447,16 @@ class BatchNormEngine:
             y = y.permute(0, 2, 3, 1)
         return y
 
+    def _check_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Per-channel statistics must have shape (C,): a (1,) or () tensor would silently
+        broadcast into every channel."""
+        c = self.config.num_features
+        for name, stat in (("mean", mean), ("var", var)):
+            if tuple(stat.shape) != (c,):
+                raise StateError(f"The batch {name} has shape {tuple(stat.shape)}, but the layer has "
+                                 f"num_features={c} (expected shape ({c},)).",
+                                 hint="Pass per-channel statistics computed over (N, H, W).")
+
     def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
         """Apply one train step's running-stat update for a batch of ``count`` values/channel.
 
@@ -465,13 +470,7 @@ class BatchNormEngine:
         if count < 2:
             raise ShapeError(TORCH_ONE_VALUE_ERROR.format(count),
                              hint="Use --mode eval, or more data per channel.")
-        c = self.config.num_features
-        for name, stat in (("mean", mean), ("var", var)):
-            if tuple(stat.shape) != (c,):
-                # A (1,) or () tensor would silently broadcast into every channel.
-                raise StateError(f"The batch {name} has shape {tuple(stat.shape)}, but the layer has "
-                                 f"num_features={c} (expected shape ({c},)).",
-                                 hint="Pass per-channel statistics computed over (N, H, W).")
+        self._check_stats(mean, var)
         assert m.num_batches_tracked is not None
         with torch.no_grad():
             m.num_batches_tracked.add_(1)
