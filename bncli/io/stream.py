@@ -11,6 +11,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import BufferedIOBase, RawIOBase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -142,7 +143,7 @@ def raw_tensor(path: Path, key: str | None = None) -> RawTensor | None:
     return raw
 
 
-def read_rows(raw: RawTensor, fh: BinaryIO, start: int, stop: int) -> np.ndarray:
+def read_rows(raw: RawTensor, fh: BufferedIOBase | RawIOBase, start: int, stop: int) -> np.ndarray:
     """Read rows ``start:stop`` (along axis 0) of a C-order tensor from an open file.
 
     ``fh`` should be unbuffered (``open(path, "rb", buffering=0)``) so the bytes go
@@ -151,7 +152,7 @@ def read_rows(raw: RawTensor, fh: BinaryIO, start: int, stop: int) -> np.ndarray
     rows = max(stop - start, 0)
     shape = (rows, *raw.shape[1:]) if raw.shape else ()
     out = np.empty(shape, dtype=raw.dtype)
-    view = memoryview(out.reshape(-1).view(np.uint8))
+    view = out.reshape(-1).view(np.uint8).data
     fh.seek(raw.offset + start * raw.row_bytes)
     done = 0
     while done < len(view):
@@ -198,7 +199,7 @@ class NpyWriter:
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         self.written = 0
         self._failed = False
-        self._fh: BinaryIO = self.path.open("wb", buffering=0)  # type: ignore[assignment]
+        self._fh = self.path.open("wb", buffering=0)
         try:
             header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
                       "shape": self.shape}
@@ -219,7 +220,7 @@ class NpyWriter:
         if self._failed:
             raise OutputError(f"{self.path}: an earlier write failed; the file is incomplete.",
                               hint="Fix the first error reported.")
-        data = memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+        data = np.ascontiguousarray(block).reshape(-1).view(np.uint8).data
         if self.written + len(data) > self.nbytes:
             raise ValueError("more rows written than the shape holds")
         try:

@@ -113,7 +113,8 @@ def save_tensor(tensor: torch.Tensor, dest: Path, *, key: str | None = None, for
             np.save(fh, tensor.numpy(), allow_pickle=False)
     elif suffix == ".npz":
         def writer(fh: BinaryIO) -> None:
-            np.savez(fh, **{name: tensor.numpy()})
+            # numpy's stub types **kwds against savez's allow_pickle flag; the key is a str.
+            np.savez(fh, **{name: tensor.numpy()})  # type: ignore[arg-type]
     elif suffix == ".safetensors":
         from safetensors.torch import save
 
