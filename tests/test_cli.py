@@ -363,3 +363,11 @@ def test_one_value_eval_without_running_stats(runner: CliRunner, npy_file: objec
     assert result.exit_code == 1
     assert "more than 1 value per channel" in result.stderr
     no_traceback(result)
+
+
+def test_check_shape_on_a_checkpoint_says_what_it_is(runner: CliRunner, samples: Path) -> None:
+    result = run(runner, "check-shape", samples / "model.pt", "--json")
+    assert result.exit_code == 1
+    finding = json.loads(result.stdout)[0]["findings"][0]
+    assert finding["code"] == "ambiguous_key"
+    assert "model checkpoint" in finding["hint"] and "--state" in finding["hint"]
