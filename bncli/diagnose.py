@@ -15,6 +15,7 @@ import numpy as np
 
 from bncli import io
 from bncli.errors import BncliError, KeyChoiceError, UnsafeFileError
+from bncli.moments import Moments
 
 FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 CHANNEL_LIKE = (1, 3, 4)
@@ -159,10 +160,29 @@ def check_shape(shape: tuple[int, ...], dtype: str, *, num_features: int | None 
     return out
 
 
-def value_findings(chunks: Iterable[np.ndarray]) -> list[Finding]:
-    """A ``non_finite`` warning when the values hold NaN or +-Inf (counted by kind)."""
+# Unit roundoff of each dtype: a BatchNorm computed in it loses |mean|/std times this.
+_UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24, "float64": 2.0**-53}
+# Warn when centering costs more than two decimal digits beyond the dtype's own rounding
+# (|mean| > 100 std; measured in float32: mean 1000 x std gives 3e-5..3e-3 relative error).
+ILL_CONDITIONED_RATIO = 100.0
+
+
+def _channel_list(idx: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(int(i)) for i in idx[:limit])
+    return shown + (f", ... ({len(idx)} in all)" if len(idx) > limit else "")
+
+
+def value_findings(chunks: Iterable[np.ndarray], *, dtype: str = "float32",
+                   layout: str | None = None) -> list[Finding]:
+    """Findings from the values themselves, read block by block (bounded memory).
+
+    ``non_finite``: NaN or +-Inf counted by kind. With ``layout`` (valid 4D data), also
+    per-channel moments: ``constant_channel`` (zero variance) and ``ill_conditioned``
+    (a mean so large against the std that float arithmetic loses digits).
+    """
     nan = pos = neg = 0
     total = 0
+    moments: Moments | None = None
     for block in chunks:
         total += block.size
         nan += int(np.isnan(block).sum())
@@ -170,15 +190,49 @@ def value_findings(chunks: Iterable[np.ndarray]) -> list[Finding]:
         if inf.any():
             pos += int((inf & (block > 0)).sum())
             neg += int((inf & (block < 0)).sum())
+        if layout is not None and block.ndim == 4 and block.size:
+            if moments is None:
+                moments = Moments.empty(int(block.shape[3] if layout == "nhwc" else block.shape[1]))
+            moments.update(block, layout, extrema=False)
+    out: list[Finding] = []
     bad = nan + pos + neg
-    if not bad:
-        return []
-    return [Finding("non_finite", "warning",
-                    f"{bad} of {total} values are not finite ({nan} NaN, {pos} +Inf, {neg} -Inf); "
-                    "every output of an affected channel becomes NaN, and in train mode the "
-                    "running stats are poisoned too.",
-                    "Find where they come from (division by zero, log of 0, overflow in float16), "
-                    "or clean them: np.nan_to_num(x) / torch.nan_to_num(x).")]
+    if bad:
+        out.append(Finding("non_finite", "warning",
+                           f"{bad} of {total} values are not finite ({nan} NaN, {pos} +Inf, {neg} -Inf); "
+                           "every output of an affected channel becomes NaN, and in train mode the "
+                           "running stats are poisoned too.",
+                           "Find where they come from (division by zero, log of 0, overflow in float16), "
+                           "or clean them: np.nan_to_num(x) / torch.nan_to_num(x)."))
+    if moments is None or moments.count < 2:
+        return out
+    mean, std = moments.mean, moments.std
+    finite = np.isfinite(mean) & np.isfinite(std)
+    constant = np.flatnonzero(finite & (std == 0))
+    if constant.size:
+        out.append(Finding(
+            "constant_channel", "warning",
+            f"{constant.size} of {moments.channels} channels hold one constant value (channel "
+            f"{_channel_list(constant)}): in train mode BatchNorm maps them to exactly their bias "
+            "(0 by default), so they carry no information.",
+            "Look for a dead, padded or zero-filled channel upstream (e.g. an alpha channel of 255s, "
+            "or a mask), or drop it before the layer."))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(finite & (std > 0), np.abs(mean) / np.where(std > 0, std, 1.0), 0.0)
+    u = _UNIT_ROUNDOFF.get(dtype, 2.0**-24)
+    # float64 keeps 16 digits: only a ratio past 1e7 costs it more than 1e-9.
+    limit = 1e7 if dtype == "float64" else ILL_CONDITIONED_RATIO
+    bad_ch = np.flatnonzero(ratio > limit)
+    if bad_ch.size:
+        worst = int(bad_ch[np.argmax(ratio[bad_ch])])
+        out.append(Finding(
+            "ill_conditioned", "warning",
+            f"{bad_ch.size} of {moments.channels} channels have a mean far larger than their spread "
+            f"(channel {worst}: mean {mean[worst]:.6g}, std {std[worst]:.3g}, |mean|/std = "
+            f"{ratio[worst]:.3g}). Normalizing in {dtype} subtracts two nearly equal numbers: "
+            f"expect a relative output error near {ratio[worst] * u:.1g}, in nn.BatchNorm2d too.",
+            "Center the data before storing it (subtract a per-channel offset), or normalize in "
+            "float64 (x.astype(np.float64))."))
+    return out
 
 
 def check_file(path: Path, *, key: str | None = None, num_features: int | None = None,
@@ -213,7 +267,9 @@ def check_file(path: Path, *, key: str | None = None, num_features: int | None =
                                        mode=mode, layout=layout))
     if scan_values and info.dtype in FLOAT_NAMES and 0 not in info.shape:
         try:
-            report.findings.extend(value_findings(io.iter_chunks(Path(path), key)))
+            valid_4d = len(info.shape) == 4 and report.valid
+            report.findings.extend(value_findings(io.iter_chunks(Path(path), key), dtype=info.dtype,
+                                                  layout=layout if valid_4d else None))
         except BncliError as exc:
             report.findings.append(_err("unreadable", exc.message, exc.hint or ""))
     report.findings.sort(key=lambda f: f.severity != "error")

@@ -371,3 +371,28 @@ def test_check_shape_on_a_checkpoint_says_what_it_is(runner: CliRunner, samples:
     finding = json.loads(result.stdout)[0]["findings"][0]
     assert finding["code"] == "ambiguous_key"
     assert "model checkpoint" in finding["hint"] and "--state" in finding["hint"]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_check_shape_value_warnings(runner: CliRunner, npy_file: object, dtype: type) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 4, 8, 8))
+    x[:, 1] += 1000.0  # |mean|/std ~ 1000: ill-conditioned in 16/32-bit floats
+    x[:, 2] = 0.5  # a constant channel
+    result = run(runner, "check-shape", npy_file(x.astype(dtype)), "--json")  # type: ignore[operator]
+    assert result.exit_code == 0  # warnings only: normalize accepts this input
+    findings = {f["code"]: f for f in json.loads(result.stdout)[0]["findings"]}
+    assert "channel 2" in findings["constant_channel"]["message"]
+    if dtype == np.float64:
+        assert "ill_conditioned" not in findings
+    else:
+        assert "channel 1" in findings["ill_conditioned"]["message"]
+        assert "float64" in findings["ill_conditioned"]["hint"]
+
+
+def test_check_shape_no_value_warnings_on_ordinary_data(runner: CliRunner, batch: Path) -> None:
+    for dtype in (np.float16, np.float32):
+        path = batch.with_name(f"b{np.dtype(dtype).name}.npy")
+        np.save(path, np.load(batch).astype(dtype))
+        result = run(runner, "check-shape", path, "--json")
+        assert json.loads(result.stdout)[0]["findings"] == []

@@ -19,15 +19,16 @@ def check_shape(
     num_features: Annotated[int | None, typer.Option(
         "--num-features", "-C", min=1, help="Expected channel count (e.g. your layer's num_features).")] = None,
     scan: Annotated[bool, typer.Option(
-        "--scan/--no-scan", help="Scan the values for NaN/Inf (--no-scan reads headers only).")] = True,
+        "--scan/--no-scan", help="Scan the values: NaN/Inf, constant and ill-conditioned channels "
+                            "(--no-scan reads headers only).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Validate inputs without normalizing: rank, layout, channels, dtype, batch size, values.
 
     Exit 0 when every input is a valid BatchNorm2d input (warnings allowed), 1 otherwise.
     Each finding has a stable code (not_4d, channels_last, channel_mismatch,
-    one_value_per_channel, not_float, non_finite, empty, unreadable, unsafe, ambiguous_key),
-    a severity, a message and a fix.
+    one_value_per_channel, not_float, non_finite, constant_channel, ill_conditioned, empty,
+    unreadable, unsafe, ambiguous_key), a severity, a message and a fix.
 
     Examples:
 
