@@ -114,11 +114,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def validate_input(shape: tuple[int, ...], dtype: torch.dtype, num_features: int,
-                   mode: str, layout: str = "nchw") -> None:
+                   mode: str, layout: str = "nchw", *, running_stats: bool = True) -> None:
     """Raise a helpful error when a tensor of this shape/dtype is no BatchNorm2d input.
 
     The full diagnosis with warnings lives in :mod:`bncli.diagnose`; this is the
     engine's own guard so that no caller can reach an opaque PyTorch error.
+    ``running_stats=False`` (a layer without them) makes eval mode use batch statistics,
+    so it needs more than one value per channel, as train mode does.
     """
     if len(shape) != 4:
         raise ShapeError(
@@ -142,6 +144,12 @@ def validate_input(shape: tuple[int, ...], dtype: torch.dtype, num_features: int
         raise ShapeError(f"The input is empty: shape {tuple(shape)} has a zero-size axis.",
                          hint="Check how the file was written; there is nothing to normalize.")
     n, h, w = (shape[0], shape[1], shape[2]) if layout == "nhwc" else (shape[0], shape[2], shape[3])
+    if mode == "eval" and not running_stats and n * h * w == 1:
+        raise ShapeError(
+            f"Without running statistics, eval mode also uses batch statistics, which need more than "
+            f"one value per channel; shape {tuple(shape)} has N*H*W = 1.",
+            hint="Use --track-running-stats with a --state holding running stats, or a batch with N*H*W > 1.",
+        )
     if mode == "train" and n * h * w == 1:
         nchw = (n, channels, h, w)
         raise ShapeError(
@@ -394,15 +402,9 @@ class BatchNormEngine:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        validate_input(tuple(x.shape), x.dtype, self.config.num_features, mode, layout)
-        if mode == "eval" and not self.config.track_running_stats and x.numel() == self.config.num_features:
-            # Without running stats, eval mode normalizes with batch statistics too, and
-            # PyTorch raises its train-mode "more than 1 value per channel" ValueError.
-            raise ShapeError(
-                f"Without running statistics, eval mode also uses batch statistics, which need more than "
-                f"one value per channel; shape {tuple(x.shape)} has N*H*W = 1.",
-                hint="Use --track-running-stats with a --state holding running stats, or a batch with N*H*W > 1.",
-            )
+        running_stats = self.module.running_mean is not None
+        validate_input(tuple(x.shape), x.dtype, self.config.num_features, mode, layout,
+                       running_stats=running_stats)
         x = x.to(self.device)
         self._match_dtype(x)
         if layout == "nhwc":
@@ -413,8 +415,7 @@ class BatchNormEngine:
             self.module.train(mode == "train")
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             # Eval without running stats computes batch statistics: the train thresholds apply.
-            batch_stats = mode == "train" or self.module.running_mean is None
-            k = channels_last_fast_path(x, "train" if batch_stats else "eval")
+            k = channels_last_fast_path(x, "train" if mode == "train" or not running_stats else "eval")
             y = _fast_channels_last(self.module, x, k) if k else _module_forward(self.module, x)
         if layout == "nhwc":
             y = y.permute(0, 2, 3, 1)
