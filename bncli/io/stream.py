@@ -30,7 +30,6 @@ from bncli.io.formats import (
     load_numpy,
     load_tensor,
     peek,
-    suffix_of,
 )
 
 
@@ -49,7 +48,7 @@ def iter_chunks(path: Path, key: str | None = None, *, max_bytes: int = 64 << 20
     if raw is not None and not raw.fortran_order:
         yield from _read_blocks(raw, max_bytes)
         return
-    suffix = suffix_of(path)
+    suffix = path.suffix.lower()  # the loaders check the file and its type
     if suffix == ".npy":
         array: Any = load_numpy(path, mmap=True)[0]
     elif suffix == ".npz":
@@ -114,8 +113,12 @@ def raw_tensor(path: Path, key: str | None = None) -> RawTensor | None:
             dtype bncli cannot read; plus everything :func:`peek` raises.
     """
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".safetensors"):
+        # No random access; the loaders raise what peek would (missing, unsafe, bad key).
+        # Returning before peek matters: peeking at a .pt loads the whole file.
+        return None
     info = peek(path, key)
-    suffix = suffix_of(path)
     if suffix == ".npy":
         with path.open("rb") as fh:
             shape, dtype, fortran, offset = _read_npy_header(fh, path)
@@ -132,8 +135,6 @@ def raw_tensor(path: Path, key: str | None = None) -> RawTensor | None:
                              hint="Convert it to float32 first.")
         raw = RawTensor(path, base + int(meta["data_offsets"][0]), info.shape, np.dtype(np_dtype),
                         bfloat16=tag == "BF16")
-    else:
-        return None
     size = path.stat().st_size
     if raw.offset + raw.nbytes > size:
         raise InputError(f"{path}: truncated: its header promises {raw.nbytes} bytes of data "
