@@ -175,21 +175,35 @@ def channel_moments(x: torch.Tensor, layout: str) -> tuple[np.ndarray, np.ndarra
     return m.mean, m.std
 
 
-def refuse_invalid(x: torch.Tensor, *, mode: str, layout: str, num_features: int | None, where: Path) -> None:
+def refuse_invalid(shape: tuple[int, ...], dtype: str, *, mode: str, layout: str, num_features: int | None,
+                   where: Path) -> None:
     """Raise the check-shape diagnosis (message and fix) for an input the engine cannot take.
 
-    Runs before the engine is built so that e.g. a 3D image gets "add the batch axis",
-    not "cannot tell the number of channels".
+    Runs before the engine is built (from a header alone, for a streamed file) so that
+    e.g. a 3D image gets "add the batch axis", not "cannot tell the number of channels".
     """
     from bncli.diagnose import check_shape
 
-    dtype = str(x.dtype).replace("torch.", "")
-    errors = [f for f in check_shape(tuple(x.shape), dtype, num_features=num_features, mode=mode,
-                                     layout=layout) if f.severity == "error"]
+    errors = [f for f in check_shape(shape, dtype, num_features=num_features, mode=mode, layout=layout)
+              if f.severity == "error"]
     if errors:
         first = errors[0]
         cls = DTypeError if first.code == "not_float" else ShapeError
         raise cls(f"{where}: {first.message}", hint=first.hint)
+
+
+def check_destinations(path: Path, output: Path, save_state: Path | None, *, force: bool) -> None:
+    """Refuse a bad output or --save-state path before any work (the input is never touched)."""
+    io.check_output(output, force=force, protect=[path])
+    if save_state is not None:
+        io.check_output(save_state, force=force, protect=[path, output], allowed=io.STATE_SUFFIXES)
+        if Path(save_state).resolve() == Path(output).resolve():
+            raise StateError("--save-state and the output are the same file.",
+                             hint="Give them different names.")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _channels(shape: tuple[int, ...], layout: str) -> int | None:
@@ -232,13 +246,7 @@ def normalize_file(path: Path, output: Path, *, key: str | None, mode: str, layo
     :func:`bncli.outofcore.use_out_of_core`), with ``chunk_bytes`` and ``progress``.
     """
     path, output = Path(path), Path(output)
-    # Refuse a bad destination before doing any work.
-    io.check_output(output, force=force, protect=[path])
-    if save_state is not None:
-        io.check_output(save_state, force=force, protect=[path, output], allowed=io.STATE_SUFFIXES)
-        if Path(save_state).resolve() == output.resolve():
-            raise StateError("--save-state and the output are the same file.",
-                             hint="Give them different names.")
+    check_destinations(path, output, save_state, force=force)
     if execution != "in-memory":
         from bncli import outofcore
 
@@ -249,8 +257,8 @@ def normalize_file(path: Path, output: Path, *, key: str | None, mode: str, layo
                 progress=progress)
     x, key = io.load_tensor(path, key)
     # Without running stats, eval mode also normalizes with batch statistics (train's rule).
-    refuse_invalid(x, mode=mode if opts.track_running_stats else "train", layout=layout,
-                   num_features=opts.num_features, where=path)
+    refuse_invalid(tuple(x.shape), _dtype_name(x.dtype), mode=mode if opts.track_running_stats else "train",
+                   layout=layout, num_features=opts.num_features, where=path)
     engine, source = build_engine(opts, data_channels=_channels(tuple(x.shape), layout),
                                   data_dtype=x.dtype)
     validate_input(tuple(x.shape), x.dtype, engine.config.num_features, mode, layout)
@@ -261,7 +269,7 @@ def normalize_file(path: Path, output: Path, *, key: str | None, mode: str, layo
     state = engine.state_dict()
     if save_state is not None:
         io.save_state_dict(state, save_state, force=force, protect=[path, output])
-    return NormalizeResult(path, output, key, tuple(x.shape), str(x.dtype).replace("torch.", ""),
+    return NormalizeResult(path, output, key, tuple(x.shape), _dtype_name(x.dtype),
                            mode, layout, str(engine.device), source, mean_b, std_b, mean_a, std_a,
                            state, save_state)
 
@@ -303,7 +311,8 @@ def compare_file(path: Path, *, key: str | None, layout: str, opts: EngineOption
     those the train pass just updated; the updated ones are reported separately.
     """
     x, key = io.load_tensor(Path(path), key)
-    refuse_invalid(x, mode="train", layout=layout, num_features=opts.num_features, where=Path(path))
+    refuse_invalid(tuple(x.shape), _dtype_name(x.dtype), mode="train", layout=layout,
+                   num_features=opts.num_features, where=Path(path))
     channels = _channels(tuple(x.shape), layout)
     train_engine, source = build_engine(opts, data_channels=channels, data_dtype=x.dtype)
     eval_engine, _ = build_engine(opts, data_channels=channels, data_dtype=x.dtype)
@@ -325,7 +334,7 @@ def compare_file(path: Path, *, key: str | None, layout: str, opts: EngineOption
 
     nbt = after.get("num_batches_tracked")
     return CompareResult(
-        Path(path), key, tuple(x.shape), str(x.dtype).replace("torch.", ""), layout, source,
+        Path(path), key, tuple(x.shape), _dtype_name(x.dtype), layout, source,
         train_engine.config, bmean, bvar, get(before, "running_mean"),
         get(before, "running_var"), get(after, "running_mean"), get(after, "running_var"),
         int(nbt) if nbt is not None else None, tm, ts, em, es, diff.numpy(), count)

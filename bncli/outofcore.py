@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from bncli import io
-from bncli.errors import DTypeError, InputError, OutputError, ShapeError, StateError
+from bncli.errors import InputError, OutputError
 from bncli.moments import Moments, block_moments, estimate_shift
 
 if TYPE_CHECKING:
@@ -146,17 +146,6 @@ def streamable(path: Path, output: Path, key: str | None = None) -> tuple[io.Raw
     return raw, "", ""
 
 
-def _refuse_invalid(raw: io.RawTensor, *, mode: str, layout: str, num_features: int | None) -> None:
-    """The check-shape diagnosis of an input the engine cannot take, from its header alone."""
-    from bncli.diagnose import check_shape
-
-    errors = [f for f in check_shape(raw.shape, raw.dtype.name, num_features=num_features, mode=mode,
-                                     layout=layout) if f.severity == "error"]
-    if errors:
-        cls = DTypeError if errors[0].code == "not_float" else ShapeError
-        raise cls(f"{raw.path}: {errors[0].message}", hint=errors[0].hint)
-
-
 def use_out_of_core(path: Path, output: Path, *, key: str | None = None, execution: str = "auto") -> bool:
     """Pick the execution path of ``normalize``.
 
@@ -213,13 +202,10 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
     raw, why, hint = streamable(path, output, key)
     if raw is None:
         raise InputError(f"Cannot normalize out of core: {why}.", hint=hint)
-    io.check_output(output, force=force, protect=[path])
-    if save_state is not None:
-        io.check_output(save_state, force=force, protect=[path, output], allowed=io.STATE_SUFFIXES)
-        if Path(save_state).resolve() == output.resolve():
-            raise StateError("--save-state and the output are the same file.", hint="Give them different names.")
+    core.check_destinations(path, output, save_state, force=force)
     # A huge file with the wrong shape or dtype is refused from its header, before any work.
-    _refuse_invalid(raw, mode=mode, layout=layout, num_features=opts.num_features)
+    core.refuse_invalid(raw.shape, raw.dtype.name, mode=mode, layout=layout,
+                        num_features=opts.num_features, where=raw.path)
     dtype = getattr(torch, raw.dtype.name)
     axis = 3 if layout == "nhwc" else 1
     engine, source = core.build_engine(opts, data_channels=raw.shape[axis], data_dtype=dtype)
