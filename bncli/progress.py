@@ -30,7 +30,7 @@ def progress_callback(*, enabled: bool = True, console: Any = None,
 
     Example:
         >>> with progress_callback(enabled=not as_json) as progress:
-        ...     result = outofcore.dataset_stats(paths, progress=progress)
+        ...     result = datastats.dataset_stats(paths, progress=progress)
     """
     if not enabled:
         yield None
