@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bncli.engine import BatchNormConfig, BatchNormEngine, channels_last_fast_path, resolve_device
+from bncli import fastpath
+from bncli.engine import BatchNormConfig, BatchNormEngine, resolve_device
 from bncli.errors import ShapeError
 from bncli.timing import TIMING_KEYS, Case, Timing, num_threads, time_cases
 
@@ -107,7 +108,7 @@ class Row:
     layout: str
     mode: str
     pass_: str
-    engine_path: str | None = None  # "module" or "channels-last fast path" (forward rows)
+    engine_path: str | None = None  # fastpath.describe(): "module" or a fast path (forward rows)
     timings: dict[str, Timing] = field(default_factory=dict)
     errors: dict[str, float | None] = field(default_factory=dict)  # variant -> max |y - y_float64|
     failures: dict[str, str] = field(default_factory=dict)  # variant -> why it was not timed
@@ -265,8 +266,8 @@ def _bench_row(row: Row, device: torch.device, s: Settings, notes: list[str], us
     engine.load_state({"weight": torch.rand(c, generator=gen) + 0.5, "bias": torch.rand(c, generator=gen) - 0.5,
                        "running_mean": torch.rand(c, generator=gen) - 0.5,
                        "running_var": torch.rand(c, generator=gen) + 0.5})
-    row.engine_path = None if row.pass_ != "forward" else (
-        "channels-last fast path" if channels_last_fast_path(x, row.mode) else "module")
+    row.engine_path = None if row.pass_ != "forward" else fastpath.describe(
+        fastpath.choose(x, batch_stats=row.mode == "train"))
     state = {k: v.clone() for k, v in engine.module.state_dict().items()}
     baseline = nn.BatchNorm2d(c, device=device, dtype=param)
     baseline.load_state_dict(state)
@@ -354,6 +355,43 @@ def _bench_row(row: Row, device: torch.device, s: Settings, notes: list[str], us
             row.timings = time_cases(cases, cuda_graphs=False, **timing)
 
 
+# Peak memory of one row per input value: the float64 draw and reference, the float64 copies
+# the check makes, the input (and its NHWC copy) and every variant's output. Measured with
+# /usr/bin/time on (8,4,512,512): 47 (bfloat16) to 58 (float64) bytes, 68 with --backward.
+BYTES_PER_VALUE = {False: 64, True: 80}
+
+
+def memory_problem(s: Settings) -> str | None:
+    """Why the sweep's largest row would not fit in memory (None when it fits).
+
+    Checked before the sweep allocates anything, so that a mistyped ``--shape`` or ``--batch``
+    is an error, not minutes of swapping or the OOM killer. On a GPU the device's free
+    memory counts too (only the float64 draw stays on the host).
+
+    Raises:
+        DeviceError: The device is not available (the message lists those that are).
+    """
+    from bncli.io import available_memory
+
+    device = resolve_device(s.device)
+    _, shapes, dtypes = s.resolved(device)
+    per_value = BYTES_PER_VALUE[s.backward]
+    worst = max(shapes, key=math.prod)
+    need = math.prod(worst) * per_value
+    limits = [("memory", available_memory(), need)]
+    if device.type == "cuda":
+        limits = [("host memory", available_memory(), math.prod(worst) * 16),
+                  (f"memory on {device}", torch.cuda.mem_get_info(device)[0], need)]
+    for where, have, needed in limits:
+        if have is not None and needed > have:
+            most = have // (needed // math.prod(worst))
+            return (f"shape {worst} ({math.prod(worst):,} values) needs about {needed / 2**30:.1f} GiB "
+                    f"for one bench row (input, outputs, float64 reference), but {have / 2**30:.1f} GiB of "
+                    f"{where} is available here: allowed are shapes of up to about {most:,} values "
+                    f"(N*C*H*W, for {', '.join(dtypes)}).")
+    return None
+
+
 def plan(s: Settings, device: torch.device) -> tuple[str, list[Row], list[str]]:
     """The rows a sweep will run (preset resolved), and notes on what was left out."""
     name, shapes, dtypes = s.resolved(device)
@@ -379,13 +417,18 @@ def plan(s: Settings, device: torch.device) -> tuple[str, list[Row], list[str]]:
     return name, rows, notes
 
 
-def _health_notes(rows: list[Row], env_copy_gbs: float) -> list[str]:
-    """Warnings about measurements a busy machine spoiled."""
+def _health_notes(rows: list[Row], env_copy_gbs: float, threads: int = 2, pinned: bool = False) -> list[str]:
+    """Warnings about measurements a busy machine spoiled.
+
+    ``threads`` is the thread count the rows ran with and ``pinned`` whether the user chose it
+    (``--threads``): the advice to pin threads, or to use one, is only given where it is new.
+    """
     notes = []
     noisy = {id(r) for r in rows for t in r.timings.values() if t.iqr > 0.1 * t.median}
     if noisy:
+        advice = "Re-run on an idle machine." if pinned else "Re-run, or pin threads (--threads)."
         notes.append(f"{len(noisy)} of {len(rows)} rows have a variant whose IQR exceeds 10% of its median: "
-                     "the machine was busy. Re-run, or pin threads (--threads).")
+                     f"the machine was busy. {advice}")
     # A stall can also be steady (low IQR): with several threads, a worker that another process
     # keeps off its core delays every parallel region by a scheduler tick. The copy of the same
     # bytes exposes it: it should never run far below the sweep's typical copy bandwidth.
@@ -394,10 +437,11 @@ def _health_notes(rows: list[Row], env_copy_gbs: float) -> list[str]:
         typical = max(env_copy_gbs, sorted(g for _, g in big)[len(big) // 2])
         stalled = [r for r, g in big if g < typical / 4]
         if stalled:
-            notes.append(f"{len(stalled)} rows copied at under a quarter of the typical {typical:.1f} GB/s: "
-                         "the CPU was taken by another process while they ran, so their absolute times "
-                         "are not representative (their ratios still are: variants run interleaved). "
-                         "Re-run on an idle machine, or use --threads 1.")
+            advice = "Re-run on an idle machine" + (", or use --threads 1." if threads > 1 else ".")
+            notes.append(f"{len(stalled)} of {len(rows)} rows copied at under a quarter of the typical "
+                         f"{typical:.1f} GB/s: the CPU was taken by another process while they ran, so their "
+                         "absolute times are not representative (their ratios still are: variants run "
+                         f"interleaved). {advice}")
     return notes
 
 
@@ -426,7 +470,7 @@ def run(s: Settings, progress: Callable[[int, int, str], None] | None = None) ->
                 notes.append("torch.compile is off for the remaining rows.")
         if progress:
             progress(len(rows), len(rows), "done")
-    notes.extend(_health_notes(rows, env["copy_gbs"]))
+    notes.extend(_health_notes(rows, env["copy_gbs"], env["threads"], pinned=s.threads is not None))
     settings = {"preset": name, "modes": list(s.modes), "layouts": list(s.layouts),
                 "backward": s.backward, "compile": s.compile, "cuda_graphs": s.cuda_graphs,
                 "reps": s.reps, "warmup": s.warmup, "target_s": s.target_s, "threads": env["threads"]}

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bncli import fastpath
 from bncli.errors import DeviceError, DTypeError, ShapeError, StateError
 
 Mode = Literal["train", "eval"]
@@ -159,48 +160,6 @@ def validate_input(shape: tuple[int, ...], dtype: torch.dtype, num_features: int
         )
 
 
-# -- CPU fast path: channels-last memory with few channels ---------------------------------
-# PyTorch's CPU batch_norm kernels for channels_last memory vectorize across C. With fewer
-# channels than one SIMD vector (16 float32 lanes on AVX-512) most lanes idle and a row of
-# C values costs as much as a full vector: channels-last BatchNorm2d with C=3 runs 2-6x
-# slower than on NCHW (benchmarks/nhwc_fastpath.py). The same bytes, viewed as rows of k*C
-# values (k whole pixels per row), vectorize fully:
-#   eval:  F.batch_norm on that view with every per-channel tensor tiled k times; the
-#          kernel does the same arithmetic per element, so the output is bitwise the module's.
-#   train: column statistics of the view (torch.batch_norm_update_stats), merged over the
-#          k groups in float64, then the module's running-stat rule and its scale/shift
-#          (alpha = invstd * weight, beta = bias - mean * alpha) applied through the same
-#          eval kernel. Equal to nn.BatchNorm2d within rounding, not bitwise: the sums run
-#          in a different order (and more accurately than the module's channels-last path).
-# Where it pays (benchmarks/nhwc_fastpath.py, AVX-512, 1 and 2 threads): train up to 15
-# channels; eval up to 15 channels for 16-bit floats but only 4 for float32 and 3 for float64,
-# where the module's own eval kernel keeps up and the extra small ops make us 5-35% slower.
-# Below ~2**16 (train) / 2**18 (eval) values those ops cost more than they save.
-_FAST_MAX_CHANNELS = {("train", 2): 15, ("train", 4): 15, ("train", 8): 15,
-                      ("eval", 2): 15, ("eval", 4): 4, ("eval", 8): 3}
-_FAST_MIN_NUMEL = {"train": 1 << 16, "eval": 1 << 18}
-_FAST_ROW_VALUES = 256
-
-
-def channels_last_fast_path(x: torch.Tensor, mode: str) -> int:
-    """Pixels per row of the wide view when ``apply`` takes the fast path for ``x``; 0 when not.
-
-    ``x`` is the NCHW-indexed tensor the module sees (an NHWC array already permuted).
-    """
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return 0  # the common NCHW case leaves first: this runs on every apply()
-    n, c, h, w = x.shape
-    if (x.device.type != "cpu" or c > _FAST_MAX_CHANNELS[(mode, x.element_size())]
-            or x.numel() < _FAST_MIN_NUMEL[mode]):
-        return 0
-    pixels = n * h * w
-    for k in range(_FAST_ROW_VALUES // c, 0, -1):
-        if pixels % k == 0:
-            # A row shorter than two vectors would gain little over the module's kernel.
-            return k if k * c >= 32 else 0
-    return 0
-
-
 def _module_forward(module: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` without nn.Module's per-call Python (hooks dispatch, forward, F.batch_norm).
 
@@ -220,55 +179,6 @@ def _module_forward(module: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     return torch.batch_norm(x, module.weight, module.bias, module.running_mean if keep else None,
                             module.running_var if keep else None, batch_stats, factor, module.eps,
                             torch.backends.cudnn.enabled)
-
-
-def _fast_channels_last(module: nn.BatchNorm2d, x: torch.Tensor, k: int) -> torch.Tensor:
-    """``module(x)`` for a channels_last ``x`` with few channels, via the wide view (see above)."""
-    n, c, h, w = x.shape
-    rows = n * h * w // k
-    wide = x.permute(0, 2, 3, 1).reshape(rows, k * c, 1, 1)  # a view: x is channels_last
-
-    def tile(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.repeat(k)
-
-    batch_stats = module.training or module.running_mean is None
-    if not batch_stats:
-        y = F.batch_norm(wide, tile(module.running_mean), tile(module.running_var),
-                         tile(module.weight), tile(module.bias), False, 0.0, module.eps)
-        return y.view(n, h, w, c).permute(0, 3, 1, 2)
-
-    param = next((t.dtype for t in (module.running_mean, module.weight) if t is not None),
-                 torch.float64 if x.dtype == torch.float64 else torch.float32)
-    zeros = torch.zeros(k * c, dtype=param)
-    ones = torch.ones(k * c, dtype=param)
-    # (1, k*C, rows, 1) with unit channel stride: channels_last, so the column reduction
-    # vectorizes over k*C. float32 buffers make float16/bfloat16 statistics come back float32;
-    # momentum 0 leaves them untouched.
-    columns = wide.view(rows, k * c).t().unsqueeze(0).unsqueeze(-1)
-    group_mean, group_var = torch.batch_norm_update_stats(columns, zeros.clone(), ones.clone(), 0.0)
-    group_mean = group_mean.to(torch.float64).view(k, c)
-    group_var = group_var.to(torch.float64).view(k, c)
-    mean = group_mean.mean(0)
-    var = group_var.mean(0) + (group_mean - mean).square().mean(0)  # equal-size groups
-    mean_p = mean.to(param)
-    if module.training and module.running_mean is not None and module.running_var is not None:
-        assert module.num_batches_tracked is not None
-        module.num_batches_tracked.add_(1)
-        factor = (1.0 / float(module.num_batches_tracked.item()) if module.momentum is None
-                  else module.momentum)
-        count = n * h * w
-        # The module's rule, in float64 as its CPU kernel does, from the rounded batch mean.
-        module.running_mean.copy_(factor * mean_p.to(torch.float64)
-                                  + (1 - factor) * module.running_mean.to(torch.float64))
-        module.running_var.copy_(factor * var * (count / (count - 1))
-                                 + (1 - factor) * module.running_var.to(torch.float64))
-    alpha = (1.0 / torch.sqrt(var + module.eps)).to(param)
-    if module.weight is not None:
-        alpha = alpha * module.weight
-    beta = -mean_p * alpha if module.bias is None else module.bias - mean_p * alpha
-    # mean 0, var 1, eps 0: the kernel's own alpha/beta become exactly ours.
-    y = F.batch_norm(wide, zeros, ones, alpha.repeat(k), beta.repeat(k), False, 0.0, 0.0)
-    return y.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class BatchNormEngine:
@@ -414,9 +324,10 @@ class BatchNormEngine:
         if self.module.training != (mode == "train"):
             self.module.train(mode == "train")
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-            # Eval without running stats computes batch statistics: the train thresholds apply.
-            k = channels_last_fast_path(x, "train" if mode == "train" or not running_stats else "eval")
-            y = _fast_channels_last(self.module, x, k) if k else _module_forward(self.module, x)
+            # Where PyTorch's CPU kernels are slow, a fast path (bncli.fastpath) computes the
+            # statistics itself and feeds the module's eval kernel; elsewhere the module runs.
+            route = fastpath.choose(x, batch_stats=mode == "train" or not running_stats)
+            y = _module_forward(self.module, x) if route is None else fastpath.forward(self.module, x, route)
         if layout == "nhwc":
             y = y.permute(0, 2, 3, 1)
         return y

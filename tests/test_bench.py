@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -147,10 +150,84 @@ def test_unavailable_device_is_a_friendly_error(runner: CliRunner, device: str) 
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-@pytest.mark.parametrize("bad", ["8,3,224", "8,3,0,4", "a,b,c,d"])
+@pytest.mark.parametrize("bad", ["8,3,224", "8,3,0,4", "a,b,c,d", "1,1,1,99999999999"])
 def test_bad_shape_is_a_usage_error(runner: CliRunner, bad: str) -> None:
     result = runner.invoke(app, ["bench", "--shape", bad])
     assert result.exit_code == 2 and "N,C,H,W" in result.stderr
+
+
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+
+
+def plain(text: str) -> str:
+    """The words of rich's boxed error/help text, box borders dropped, whitespace collapsed."""
+    return " ".join(word for word in text.split() if word.strip("│╭╮╰╯─"))
+
+
+@pytest.mark.parametrize(("args", "allowed"), [
+    (["--threads", "100000"], f"1 to {MAX_THREADS}"), (["--threads", "0"], f"1 to {MAX_THREADS}"),
+    (["--reps", "2"], "3 to 100000"), (["--reps", "10000000"], "3 to 100000"),
+    (["--warmup", "-1"], "0 to 10000"), (["--warmup", "99999"], "0 to 10000"),
+    (["--batch", "0"], "1 to 2147483647"),
+])
+def test_out_of_range_numbers_are_usage_errors(runner: CliRunner, args: list[str], allowed: str) -> None:
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 2, result.stderr
+    assert f"allowed range {allowed}" in plain(result.stderr)
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_huge_thread_count_does_not_crash_the_process() -> None:
+    """torch.set_num_threads(100000) segfaulted (exit 139): the bound stops it before torch sees it."""
+    proc = subprocess.run([sys.executable, "-m", "bncli", "bench", "--threads", "100000", "--shape", "2,3,8,8"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "120"})
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert f"1 to {MAX_THREADS}" in plain(proc.stderr)
+
+
+@pytest.mark.parametrize("args", [["--shape", "100000,3,224,224"], ["--preset", "resnet50", "--batch", "1000000"]])
+def test_shapes_that_cannot_fit_in_memory_are_refused_first(runner: CliRunner, args: list[str]) -> None:
+    """A mistyped size is a usage error naming the memory needed and the largest shape allowed,
+    before anything is allocated (this test would take minutes, or be OOM-killed, otherwise)."""
+    start = time.perf_counter()
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 2, result.stderr
+    text = plain(result.stderr)
+    assert "GiB" in text and "available here" in text and "allowed are shapes of up to about" in text
+    assert time.perf_counter() - start < 30
+
+
+def test_memory_estimate_lets_ordinary_shapes_through() -> None:
+    assert bench.memory_problem(bench.Settings(shapes=((8, 3, 224, 224),))) is None
+    assert bench.memory_problem(bench.Settings(preset="resnet50")) is None
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_output_fits_the_terminal(width: int) -> None:
+    """Every line of stdout and stderr within COLUMNS; the 80-column table merges the first
+    columns and drops some, a 120-column one shows them all (no number wrapped or cut)."""
+    wide = CliRunner(env={"COLUMNS": str(width), "NO_COLOR": "1", "TERM": "dumb"})
+    result = wide.invoke(app, ["bench", "--shape", "16,3,64,64", "--dtype", "float32", "--reps", "3",
+                               "--warmup", "1", "--backward"])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines() + result.stderr.splitlines()
+    assert max(len(line) for line in lines) <= width, max(lines, key=len)
+    header = next(line for line in result.stdout.splitlines() if "eng/nn" in line)
+    if width == 80:
+        assert header.split()[0] == "case" and "nn %copy" not in header
+        assert "16x3x64x64 f32 nhwc train+bwd" in result.stdout
+    else:
+        assert header.split()[:4] == ["shape", "┃", "dtype", "┃"] and "nn %copy" in header
+    for line in result.stdout.splitlines():
+        if "16x3x64x64" in line:
+            assert line.count("│") == header.count("┃")  # one line per row: nothing wrapped
+
+
+def test_bench_help_fits_80_columns() -> None:
+    result = CliRunner(env={"COLUMNS": "80", "NO_COLOR": "1", "TERM": "dumb"}).invoke(app, ["bench", "--help"])
+    assert result.exit_code == 0
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert f"1 to {MAX_THREADS} (4x the cores)" in plain(result.stdout)
 
 
 def test_backward_rows(runner: CliRunner) -> None:
@@ -172,9 +249,34 @@ def test_stalled_and_noisy_rows_are_flagged() -> None:
     healthy = [row(0.0004), row(0.0004), row(0.0005)]  # ~20 GB/s
     assert bench._health_notes(healthy, 20.0) == []
     stalled = bench._health_notes([*healthy, row(0.008)], 20.0)  # ~1 GB/s, steady: a scheduler tick
-    assert len(stalled) == 1 and stalled[0].startswith("1 rows copied at under a quarter")
+    assert len(stalled) == 1 and stalled[0].startswith("1 of 4 rows copied at under a quarter")
+    assert "--threads 1" in stalled[0]
     noisy = bench._health_notes([*healthy, row(0.0004, spread=0.0002)], 20.0)
-    assert len(noisy) == 1 and "IQR exceeds 10%" in noisy[0]
+    assert len(noisy) == 1 and "IQR exceeds 10%" in noisy[0] and "pin threads" in noisy[0]
+
+
+def test_pinned_threads_get_no_advice_to_pin_them() -> None:
+    """bench --threads 1: the notes still say what was seen, but not 'pin threads' / 'use --threads 1'."""
+    noisy = bench.Row((8, 3, 224, 224), "float32", "nchw", "eval", "forward")
+    noisy.timings = {"copy": timing.Timing((0.0002, 0.0004, 0.0006), "perf_counter")}
+    stalled = bench.Row((8, 3, 224, 224), "float32", "nchw", "eval", "forward")
+    stalled.timings = {"copy": timing.Timing((0.008,) * 3, "perf_counter")}
+    healthy = []
+    for _ in range(3):
+        r = bench.Row((8, 3, 224, 224), "float32", "nchw", "eval", "forward")
+        r.timings = {"copy": timing.Timing((0.0004,) * 3, "perf_counter")}
+        healthy.append(r)
+    notes = bench._health_notes([*healthy, noisy, stalled], 20.0, threads=1, pinned=True)
+    assert len(notes) == 2 and all("idle machine" in n for n in notes)
+    assert not any("--threads" in n or "pin" in n for n in notes)
+    pinned_two = bench._health_notes([*healthy, stalled], 20.0, threads=2, pinned=True)
+    assert "--threads 1" in pinned_two[0]  # one thread still avoids the stall
+
+
+def test_threads_1_run_gives_no_thread_advice(runner: CliRunner) -> None:
+    result = runner.invoke(app, [*TINY, "--mode", "eval", "--layout", "nchw", "--threads", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert "pin threads" not in result.stderr and "--threads" not in result.stderr
 
 
 # -- correctness gates and soft failures -----------------------------------------------------

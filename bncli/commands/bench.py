@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, BinaryIO
@@ -39,6 +41,20 @@ class Layouts(str, Enum):
     both = "both"
 
 
+# More threads than cores only oversubscribes them; far more crashes OpenMP (100000: SIGSEGV).
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+MAX_DIM = 2**31 - 1  # torch's int32 index limit per size; the memory check bounds their product
+
+
+def in_range(lo: int, hi: int, what: str) -> Callable[[int | None], int | None]:
+    """An option callback: ``value`` in [lo, hi], else a usage error naming the allowed range."""
+    def check(value: int | None) -> int | None:
+        if value is not None and not lo <= value <= hi:
+            raise typer.BadParameter(f"{value} is outside the allowed range {lo} to {hi} ({what}).")
+        return value
+    return check
+
+
 def parse_shape(value: str) -> tuple[int, int, int, int]:
     """``8,3,224,224`` or ``8x3x224x224`` -> (8, 3, 224, 224)."""
     parts = value.replace("x", ",").replace("X", ",").split(",")
@@ -48,6 +64,8 @@ def parse_shape(value: str) -> tuple[int, int, int, int]:
         sizes = ()
     if len(sizes) != 4 or min(sizes) < 1:
         raise typer.BadParameter(f"{value!r} is not a shape N,C,H,W of 4 positive integers, e.g. 8,3,224,224.")
+    if max(sizes) > MAX_DIM:
+        raise typer.BadParameter(f"{value!r} has a size above {MAX_DIM}: each of N,C,H,W must be 1 to {MAX_DIM}.")
     return sizes  # narrowed to 4 ints by the length check above
 
 
@@ -61,7 +79,8 @@ def bench(
     shape: Annotated[list[str] | None, typer.Option(
         "--shape", metavar="N,C,H,W", help="Time this shape instead of a preset's (repeatable).")] = None,
     batch: Annotated[int | None, typer.Option(
-        "--batch", min=1, help="Replace the preset shapes' batch size N (e.g. --preset resnet50 --batch 8).")] = None,
+        "--batch", callback=in_range(1, MAX_DIM, "a batch size; the memory check bounds it further"),
+        help="Replace the preset shapes' batch size N (e.g. --preset resnet50 --batch 8).")] = None,
     dtype: Annotated[list[DType] | None, typer.Option(
         "--dtype", help="dtype to time (repeatable); default: the preset's. Unsupported ones are skipped.")] = None,
     mode: Annotated[Modes, typer.Option("--mode", "-m", help="train, eval or both.")] = Modes.both,
@@ -77,10 +96,14 @@ def bench(
     flush: Annotated[bool, typer.Option(
         "--flush/--no-flush", help="CUDA: flush the L2 cache before every timed call.")] = True,
     threads: Annotated[int | None, typer.Option(
-        "--threads", min=1, help="CPU threads (torch.set_num_threads); default torch's. Reported either way.")] = None,
+        "--threads", callback=in_range(1, MAX_THREADS, f"4x the {os.cpu_count()} CPU cores"),
+        help=f"CPU threads for torch, 1 to {MAX_THREADS} (4x the cores); default: torch's own. "
+             "Reported either way.")] = None,
     reps: Annotated[int | None, typer.Option(
-        "--reps", min=3, help="Timed calls per variant; default: enough for ~0.3 s per row (15 to 500).")] = None,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls per variant first.")] = 3,
+        "--reps", callback=in_range(3, 100_000, "timed calls per variant"),
+        help="Timed calls per variant (3 to 100000); default: enough for ~0.3 s per row (15 to 500).")] = None,
+    warmup: Annotated[int, typer.Option("--warmup", callback=in_range(0, 10_000, "untimed calls"),
+                                        help="Untimed calls per variant first (0 to 10000).")] = 3,
     as_json: JsonOpt = False,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Also save the JSON document here (.json; written atomically).")] = None,
@@ -117,6 +140,9 @@ def bench(
         layouts=("nchw", "nhwc") if layout is Layouts.both else (layout.value,),
         backward=backward, compile=compile_, cuda_graphs=cuda_graphs, flush_l2=flush,
         threads=threads, reps=reps, warmup=warmup)
+    too_big = core.memory_problem(settings)  # before anything is allocated
+    if too_big:
+        raise typer.BadParameter(too_big, param_hint="'--shape' / '--batch'")
     with live_progress() as progress:
         doc = core.run(settings, progress=progress).to_json()
     if output is not None:

@@ -1,0 +1,267 @@
+"""CPU fast paths of the BatchNorm2d engine, for inputs where PyTorch's own CPU kernels are slow.
+
+PyTorch's CPU ``batch_norm`` (torch 2.13) has two weak spots, both measured with
+``bncli bench`` and ``benchmarks/nchw_fastpath.py`` / ``benchmarks/nhwc_fastpath.py``:
+
+* **NCHW, train mode.** For float32/float64 the contiguous kernel computes the batch
+  statistics in two scalar passes with one double accumulator per channel (one dependent
+  add per value, a few cycles each), parallel over channels only. (8, 3, 224, 224) float32
+  takes 1.2-1.4 ms where a copy of the same bytes takes 0.2 ms; with C=3 on 2 threads one
+  thread does two channels.
+* **channels-last memory, few channels.** Those kernels vectorize across C: with fewer
+  channels than a SIMD vector most lanes idle, so C=3 runs 2-10x slower than NCHW. Their
+  statistics also accumulate in float32, one running sum per thread over N*H*W/threads
+  pixels: at (16, 224, 224, 8), mean 3, the output is 3.1e-6 of its RMS off (NCHW: 2.6e-7).
+
+What the engine does instead (every route ends in the module's own eval kernel, fed a
+per-channel scale and shift):
+
+``nhwc-eval``  channels-last input, running statistics: ``F.batch_norm`` on a view of rows of
+    k whole pixels (k*C values), every per-channel tensor tiled k times. The kernel does
+    the same arithmetic per element, so the output is bitwise the module's.
+``nhwc-stats`` channels-last input, batch statistics: column statistics of a view of at most
+    :data:`STATS_ROWS` rows (``torch.batch_norm_update_stats``, vectorized over the row),
+    so each float32 column sum has only a few hundred terms; the k column groups of a
+    channel, and a remainder block of pixels when N*H*W has no fitting divisor, merge in
+    float64 (Chan et al.). Then the ``nhwc-eval`` view with the computed scale/shift.
+``nchw-stats`` contiguous NCHW input, batch statistics: ``torch.native_layer_norm`` over rows
+    of (part of) one channel plane gives each row's mean and variance (vectorized, Welford
+    in cascade, parallel over all rows, not just channels); the rows merge per channel in
+    float64; then the module's NCHW eval kernel with the computed scale/shift. The layer
+    norm's normalized output is thrown away: that costs a write, but no PyTorch CPU op
+    returns a centered second moment without writing (``var_mean`` is a scalar Welford loop,
+    3 ms here).
+
+Train-mode routes then apply the module's running-stat rule (``num_batches_tracked``,
+momentum or the cumulative average, unbiased variance) in float64, as its CPU kernel does.
+Outputs equal ``nn.BatchNorm2d`` within rounding, not bitwise: the sums run in another order.
+Against a float64 reference, float32 outputs stay within 1e-6 of the output RMS at means
+0..3 (README, Numerics; tests/test_engine_fastpath.py).
+
+Where each route pays was measured on a 2-core AVX-512 VM (``benchmarks/*_fastpath.py``):
+see the thresholds below. Elsewhere the engine calls the module unchanged.
+
+No files, no printing; imported by :mod:`bncli.engine` only.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+# Rows of the channels-last statistics view: few rows keep the kernel's float32 column sums
+# short (at most STATS_ROWS / threads terms), wide rows keep it vectorized. 128 measured
+# <= 2.6e-7 of the output RMS at mean 3 (against 3.1e-6 for the module's kernel), and as fast.
+STATS_ROWS = 128
+EVAL_ROW_VALUES = 256  # nhwc-eval: values per row of the wide view (the existing measure)
+# (route, element size) -> most channels where the route beat the module.
+MAX_CHANNELS = {("nhwc-stats", 2): 15, ("nhwc-stats", 4): 15, ("nhwc-stats", 8): 15,
+                ("nhwc-eval", 2): 15, ("nhwc-eval", 4): 4, ("nhwc-eval", 8): 3,
+                ("nchw-stats", 4): 1 << 30, ("nchw-stats", 8): 1 << 30}
+# Smallest inputs a route takes. nhwc-stats: from the pixel count where the module's float32
+# sums miss the 1e-6 bar (C=3, mean 3: 6.9e-7 at 64 pixels, 1.1e-6 at 256, 1.5e-5 at 65536),
+# which is also where it stops being slower. The others: where they start to pay.
+MIN_PIXELS = {"nhwc-stats": 256, "nhwc-eval": 0, "nchw-stats": 0}
+MIN_NUMEL = {"nhwc-stats": 0, "nhwc-eval": 1 << 18, "nchw-stats": 1 << 16}
+# nchw-stats: layer-norm rows of at least this many values (shorter planes are split no
+# further), and enough rows to keep every thread busy.
+MIN_ROW_VALUES = 1024
+ROUTE_NAMES = {"nhwc-eval": "channels-last fast path", "nhwc-stats": "channels-last fast path",
+               "nchw-stats": "NCHW statistics fast path"}
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which fast path ``forward`` takes, and the width of its view.
+
+    Attributes:
+        name: ``"nhwc-eval"``, ``"nhwc-stats"`` or ``"nchw-stats"`` (see the module docstring).
+        width: Pixels per row of the channels-last view, or values per layer-norm row (NCHW).
+    """
+
+    name: str
+    width: int
+
+
+def choose(x: torch.Tensor, batch_stats: bool, *, thresholds: bool = True) -> Route | None:
+    """The fast path ``forward`` takes for the NCHW-indexed ``x``, or None for the module.
+
+    Args:
+        x: The tensor the module would see (an NHWC array already permuted to NCHW indexing).
+        batch_stats: Whether the call normalizes with batch statistics (train mode, or eval
+            without running statistics).
+        thresholds: False ignores where a route was measured to pay (MIN_NUMEL, MAX_CHANNELS)
+            and takes any route that applies: for benchmarks and tests, not for the engine.
+    """
+    if x.device.type != "cpu" or x.dim() != 4:
+        return None
+    n, c, h, w = x.shape
+    if x.is_contiguous():  # the common case: this runs on every apply()
+        name = "nchw-stats" if batch_stats else None
+    elif x.is_contiguous(memory_format=torch.channels_last):
+        name = "nhwc-stats" if batch_stats else "nhwc-eval"
+    else:
+        return None
+    if name is None or (thresholds and (x.numel() < MIN_NUMEL[name] or n * h * w < MIN_PIXELS[name]
+                                        or c > MAX_CHANNELS.get((name, x.element_size()), 0))):
+        return None
+    if name == "nchw-stats":
+        return Route(name, _plane_split(h * w, n * c, torch.get_num_threads()))
+    if name == "nhwc-eval":
+        return Route(name, max(1, EVAL_ROW_VALUES // c))
+    return Route(name, _row_pixels(n * h * w, STATS_ROWS))
+
+
+@functools.lru_cache(maxsize=256)
+def _row_pixels(pixels: int, rows: int) -> int:
+    """Pixels per row for about ``rows`` rows: a divisor of ``pixels`` near that if one exists
+    (no remainder block), else the plain quotient (a remainder block of fewer pixels)."""
+    k = max(1, -(-pixels // rows))
+    for cand in range(k, min(k + 64, 2 * k, pixels) + 1):
+        if pixels % cand == 0:
+            return cand
+    return k
+
+
+@functools.lru_cache(maxsize=256)
+def _plane_split(plane: int, planes: int, threads: int) -> int:
+    """Values per layer-norm row: the whole plane, or the largest part of it (a divisor) that
+    gives 8 rows per thread, but never parts under MIN_ROW_VALUES values."""
+    want = 8 * threads
+    best = plane
+    parts = 2
+    while planes * (plane // best) < want and plane // parts >= MIN_ROW_VALUES and parts <= 4 * want:
+        if plane % parts == 0:
+            best = plane // parts
+        parts += 1
+    return best
+
+
+def describe(route: Route | None) -> str:
+    """A route's name in ``bncli bench`` output: ``module`` when there is none."""
+    return "module" if route is None else ROUTE_NAMES[route.name]
+
+
+def forward(module: nn.BatchNorm2d, x: torch.Tensor, route: Route) -> torch.Tensor:
+    """``module(x)`` through ``route``: same output (within rounding) and same state update."""
+    if route.name == "nhwc-eval":
+        assert module.running_mean is not None and module.running_var is not None
+        return _apply_channels_last(x, route.width, module.running_mean, module.running_var,
+                                    module.weight, module.bias, module.eps)
+    param = _param_dtype(module, x)
+    if route.name == "nhwc-stats":
+        mean, var = _stats_channels_last(x, route.width, param)
+    else:
+        mean, var = _stats_planes(x, route.width)
+    # C numbers each: NumPy costs ~1 us an operation where torch costs 5-10 us, which is
+    # 10-15% of a 0.5 ms call. Parameter-dtype arithmetic as the kernel's (mean rounded first).
+    dtype = np.float64 if param == torch.float64 else np.float32
+    mean_p = mean.astype(dtype)
+    _update_running_stats(module, mean_p, var, x.numel() // x.shape[1])
+    alpha = (1.0 / np.sqrt(var + module.eps)).astype(dtype)
+    if module.weight is not None:
+        alpha = alpha * module.weight.detach().numpy()
+    beta = -mean_p * alpha if module.bias is None else module.bias.detach().numpy() - mean_p * alpha
+    scale, shift = torch.from_numpy(alpha), torch.from_numpy(beta)
+    zeros, ones = torch.zeros_like(scale), torch.ones_like(scale)
+    if route.name == "nhwc-stats":
+        # mean 0, var 1, eps 0: the kernel's own scale/shift become exactly ours.
+        return _apply_channels_last(x, max(1, EVAL_ROW_VALUES // x.shape[1]), zeros, ones, scale, shift, 0.0)
+    return torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0, False)
+
+
+def _param_dtype(module: nn.BatchNorm2d, x: torch.Tensor) -> torch.dtype:
+    for t in (module.running_mean, module.weight):
+        if t is not None:
+            return t.dtype
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _update_running_stats(module: nn.BatchNorm2d, mean_p: np.ndarray, var: np.ndarray, count: int) -> None:
+    """The module's train-step rule, in float64 as its CPU kernel computes it, from the batch
+    mean rounded to the parameter dtype (what the kernel stores) and the exact variance."""
+    if not (module.training and module.running_mean is not None and module.running_var is not None):
+        return
+    assert module.num_batches_tracked is not None
+    module.num_batches_tracked.add_(1)
+    factor = 1.0 / float(module.num_batches_tracked.item()) if module.momentum is None else module.momentum
+    running_mean, running_var = module.running_mean.numpy(), module.running_var.numpy()  # views: CPU
+    running_mean[...] = factor * mean_p.astype(np.float64) + (1 - factor) * running_mean.astype(np.float64)
+    running_var[...] = factor * var * (count / (count - 1)) + (1 - factor) * running_var.astype(np.float64)
+
+
+def _pixels_by_channels(x: torch.Tensor) -> torch.Tensor:
+    """A channels-last NCHW tensor as the (N*H*W, C) matrix it is in memory (a view)."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _apply_channels_last(x: torch.Tensor, k: int, mean: torch.Tensor, var: torch.Tensor,
+                         weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``F.batch_norm(x, mean, var, weight, bias, eps=eps)`` (eval) for channels-last ``x``, through
+    rows of ``k`` pixels (per-channel tensors tiled), and the last pixels that fill no row."""
+    y = torch.empty_like(x)  # channels_last, like x
+    src, dst = _pixels_by_channels(x), _pixels_by_channels(y)
+    pixels, c = src.shape
+    rows = pixels // k
+    none = torch.empty(0, dtype=mean.dtype)
+
+    def tile(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.repeat(k)
+
+    if rows:
+        main = rows * k
+        torch.native_batch_norm(src[:main].view(rows, k * c), tile(weight), tile(bias), tile(mean), tile(var),
+                                False, 0.0, eps, out=(dst[:main].view(rows, k * c), none, none))
+    if rows * k < pixels:
+        torch.native_batch_norm(src[rows * k:], weight, bias, mean, var, False, 0.0, eps,
+                                out=(dst[rows * k:], none, none))
+    return y
+
+
+def _stats_channels_last(x: torch.Tensor, k: int, param: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance (float64) of a channels-last ``x``, rows of ``k`` pixels."""
+    src = _pixels_by_channels(x)
+    pixels, c = src.shape
+    rows = pixels // k
+    main = rows * k
+    # (1, k*C, rows, 1) with unit channel stride: channels_last, so the kernel reduces over
+    # the rows, vectorized along them. float32 buffers make float16/bfloat16 statistics come
+    # back in float32; momentum 0 leaves them untouched.
+    columns = src[:main].view(rows, k * c).t().unsqueeze(0).unsqueeze(-1)
+    group_mean, group_var = torch.batch_norm_update_stats(
+        columns, torch.zeros(k * c, dtype=param), torch.ones(k * c, dtype=param), 0.0)
+    gm = group_mean.numpy().astype(np.float64).reshape(k, c)
+    gv = group_var.numpy().astype(np.float64).reshape(k, c)
+    mean = gm.mean(0)
+    m2 = rows * (gv.sum(0) + np.square(gm - mean).sum(0))  # equal-size groups
+    if main < pixels:
+        rest = src[main:].to(torch.float64).numpy()
+        r_mean = rest.mean(0)
+        r_m2 = np.square(rest - r_mean).sum(0)
+        na, nb = main, pixels - main
+        delta = r_mean - mean
+        mean = mean + delta * (nb / pixels)
+        m2 = m2 + r_m2 + np.square(delta) * (na * nb / pixels)
+    return mean, m2 / pixels
+
+
+def _stats_planes(x: torch.Tensor, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance (float64) of a contiguous NCHW ``x``, from the
+    moments of layer-norm rows of ``row`` values (each within one channel plane)."""
+    n, c, h, w = x.shape
+    rows = x.numel() // row
+    # A float32 weight makes 16-bit inputs a mixed-type call, whose moments come back float32.
+    weight = None if x.dtype in (torch.float32, torch.float64) else torch.ones(row)
+    _, mean_r, rstd_r = torch.native_layer_norm(x.view(rows, row), (row,), weight, None, 0.0)
+    m = mean_r.numpy().astype(np.float64).reshape(n, c, -1)
+    with np.errstate(divide="ignore"):
+        # eps 0: rstd = 1 / sqrt(var), inf for a constant row, whose variance 1 / inf**2 is 0.
+        v = 1.0 / np.square(rstd_r.numpy().astype(np.float64)).reshape(n, c, -1)
+    mean = m.mean((0, 2))
+    var = v.mean((0, 2)) + np.square(m - mean[None, :, None]).mean((0, 2))  # equal-size rows
+    return mean, var
