@@ -10,15 +10,18 @@ For every (layout, shape, dtype, mode) it feeds the same tensor to ``BatchNormEn
 (what ``normalize`` runs) and to a plain ``nn.BatchNorm2d`` with the same state, times both
 interleaved with :func:`bncli.timing.time_cases` (for NHWC rows also the module on an NCHW
 copy of the values, for reference) and prints the median times and the ratio engine /
-nn.BatchNorm2d (< 1: the engine is faster). ``route`` is the path the engine took;
+nn.BatchNorm2d (< 1: the engine is faster), of the medians and of the fastest calls (the
+latter is steadier on a shared machine). ``route`` is the path the engine took;
 ``--any-size`` makes it take every route that applies whatever the size or channel count
 (``fastpath.choose(thresholds=False)``), which is how the thresholds were found.
 
 Before timing, each row is checked: a route without batch statistics must be bitwise the
 module; one with batch statistics must match the module on the NCHW copy of the values
-(torch.testing's default tolerances, running stats included) and be no further from a
-float64 reference than the module is on the same memory (``err engine`` / ``err nn``: max
-|y - y_float64| over the output RMS). The script exits 1 if any row fails its check.
+(torch.testing's default tolerances, one output rounding for 16-bit types, running stats
+included) and be no further from a
+float64 reference than the module is on the same memory, or within the bar (1e-6 float32,
+1e-12 float64; ``err engine`` / ``err nn``: max |y - y_float64| over the output RMS). The
+script exits 1 if any row fails its check.
 """
 
 from __future__ import annotations
@@ -88,15 +91,18 @@ def check(engine: BatchNormEngine, module: nn.BatchNorm2d, state: dict, x: torch
                        None if train else d["running_var"], d["weight"], d["bias"], train, 0.0, module.eps)
     out = {"bitwise_vs_nn": bool(torch.equal(got, mine)), "err_engine": rel_error(got, ref),
            "err_nn": rel_error(mine, ref)}
+    # One output rounding apart is as close as 16-bit results of two float32 computations get.
+    tols = {torch.float16: dict(rtol=1e-3, atol=1e-3), torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}.get(x.dtype, {})
     try:
-        torch.testing.assert_close(got, contiguous)
+        torch.testing.assert_close(got, contiguous, **tols)
         torch.testing.assert_close(engine.module.state_dict(), nchw.state_dict())
         out["close_to_nn_nchw"] = True
     except AssertionError:
         out["close_to_nn_nchw"] = False
     batch_stats = route is not None and route.name != "nhwc-eval"
+    bar = {torch.float32: 1e-6, torch.float64: 1e-12}.get(x.dtype, float("inf"))  # 16-bit: rounding
     out["ok"] = (out["close_to_nn_nchw"] if batch_stats else out["bitwise_vs_nn"]) and (
-        out["err_engine"] <= out["err_nn"] * 1.01 + 1e-12 or x.dtype in (torch.float16, torch.bfloat16))
+        out["err_engine"] <= max(out["err_nn"] * 1.01 + 1e-12, bar))
     return out
 
 
@@ -126,8 +132,10 @@ def bench_row(layout: str, shape: tuple[int, ...], dtype: torch.dtype, mode: str
         t = time_cases(cases, reps=reps, warmup=3, target_s=0.5, min_reps=20)
     return {"layout": layout, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "mode": mode,
             "route": route.name if route else "module", "ms": {k: v.median * 1e3 for k, v in t.items()},
+            "min_ms": {k: min(v.times) * 1e3 for k, v in t.items()},
             "iqr_pct": {k: 100 * v.iqr / v.median for k, v in t.items()},
-            "ratio_engine_nn": t["engine"].median / t["nn"].median, **evidence}
+            "ratio_engine_nn": t["engine"].median / t["nn"].median,
+            "ratio_min": min(t["engine"].times) / min(t["nn"].times), **evidence}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     with num_threads(args.threads) as threads:
         print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {threads} thread(s)")
         print(f"{'layout':>6} {'shape':>15} {'dtype':>8} {'mode':>5} {'route':>10} {'nn ms':>8} {'engine ms':>9} "
-              f"{'eng/nn':>6} {'nn NCHW':>8} {'err engine':>10} {'err nn':>8}")
+              f"{'eng/nn':>6} {'(min)':>6} {'nn NCHW':>8} {'err engine':>10} {'err nn':>8}")
         for layout in layouts:
             shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else SHAPES[layout]
             for shape in shapes:
@@ -161,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                         ms = row["ms"]
                         print(f"{layout:>6} {'x'.join(map(str, shape)):>15} {row['dtype']:>8} {mode:>5} "
                               f"{row['route']:>10} {ms['nn']:8.3f} {ms['engine']:9.3f} {row['ratio_engine_nn']:6.2f} "
+                              f"{row['ratio_min']:6.2f} "
                               f"{ms.get('nn_nchw', float('nan')):8.3f} {row['err_engine']:10.1e} {row['err_nn']:8.1e}"
                               f"{'' if row['ok'] else '  << FAIL'}", flush=True)
     for name in sorted({r["route"] for r in rows} - {"module"}):
         ratios = sorted(r["ratio_engine_nn"] for r in rows if r["route"] == name)
-        print(f"{name}: {len(ratios)} rows, engine/nn median {ratios[len(ratios) // 2]:.2f}, "
+        print(f"{name}: {len(ratios)} rows, engine/nn (of the medians) median {ratios[len(ratios) // 2]:.2f}, "
               f"best {ratios[0]:.2f}, worst {ratios[-1]:.2f}")
     failures = sum(not r["ok"] for r in rows)
     print(f"check failures: {failures}")

@@ -1,52 +1,53 @@
 """CPU fast paths of the BatchNorm2d engine, for inputs where PyTorch's own CPU kernels are slow.
 
-PyTorch's CPU ``batch_norm`` (torch 2.13) has two weak spots, both measured with
-``bncli bench`` and ``benchmarks/nchw_fastpath.py`` / ``benchmarks/nhwc_fastpath.py``:
+PyTorch's CPU ``batch_norm`` (torch 2.13) has two weak spots, measured with ``bncli bench``
+and ``benchmarks/fastpath.py`` (2-core AVX-512 VM, 2 threads, fastest calls):
 
 * **NCHW, train mode.** For float32/float64 the contiguous kernel computes the batch
   statistics in two scalar passes with one double accumulator per channel (one dependent
-  add per value, a few cycles each), parallel over channels only. (8, 3, 224, 224) float32
-  takes 1.2-1.4 ms where a copy of the same bytes takes 0.2 ms; with C=3 on 2 threads one
-  thread does two channels.
+  add per value), parallel over channels only: (8, 3, 224, 224) float32 takes 1.13 ms where
+  a copy of the same bytes takes 0.17 ms (with C=3 on 2 threads one thread does two
+  channels). Its 16-bit kernel is vectorized and keeps up (0.28 ms in bfloat16).
 * **channels-last memory, few channels.** Those kernels vectorize across C: with fewer
-  channels than a SIMD vector most lanes idle, so C=3 runs 2-10x slower than NCHW. Their
+  channels than a SIMD vector most lanes idle, so C=3 runs 3.6-11x slower than NCHW. Their
   statistics also accumulate in float32, one running sum per thread over N*H*W/threads
-  pixels: at (16, 224, 224, 8), mean 3, the output is 3.1e-6 of its RMS off (NCHW: 2.6e-7).
+  pixels: the output drifts from 1.1e-6 of its RMS at 256 pixels to 1.7e-4 at (1, 719, 727, 3)
+  and 4.3e-4 at (16, 224, 224, 8) (mean 3; NCHW stays below 6e-7). So do the running stats.
 
 What the engine does instead (every route ends in the module's own eval kernel, fed a
-per-channel scale and shift):
+per-channel scale and shift, and writes one output tensor like the module):
 
 ``nhwc-eval``  channels-last input, running statistics: ``F.batch_norm`` on a view of rows of
-    k whole pixels (k*C values), every per-channel tensor tiled k times. The kernel does
-    the same arithmetic per element, so the output is bitwise the module's.
+    k whole pixels (k*C values), every per-channel tensor tiled k times; the pixels that
+    fill no whole row go through the same kernel on their own. The kernel does the same
+    arithmetic per element, so the output is bitwise the module's.
 ``nhwc-stats`` channels-last input, batch statistics: column statistics of a view of at most
-    :data:`STATS_ROWS` rows (``torch.batch_norm_update_stats``, vectorized over the row),
-    so each float32 column sum has only a few hundred terms; the k column groups of a
-    channel, and a remainder block of pixels when N*H*W has no fitting divisor, merge in
-    float64 (Chan et al.). Then the ``nhwc-eval`` view with the computed scale/shift.
-``nchw-stats`` contiguous NCHW input, batch statistics: ``torch.native_layer_norm`` over rows
-    of (part of) one channel plane gives each row's mean and variance (vectorized, Welford
-    in cascade, parallel over all rows, not just channels); the rows merge per channel in
-    float64; then the module's NCHW eval kernel with the computed scale/shift. The layer
-    norm's normalized output is thrown away: that costs a write, but no PyTorch CPU op
-    returns a centered second moment without writing (``var_mean`` is a scalar Welford loop,
-    3 ms here).
+    :data:`STATS_ROWS` rows (``torch.batch_norm_update_stats``, vectorized along the rows), so
+    each float32 column sum has a few hundred terms; the k column groups of a channel, and
+    the remainder pixels (exactly, in float64) when N*H*W has no divisor near the row count,
+    merge in float64 (Chan, Golub and LeVeque). Then the ``nhwc-eval`` view with the scale/shift.
+``nchw-stats`` contiguous NCHW input, batch statistics: ``torch.native_group_norm`` with one
+    group per row of a (part of a) channel plane returns each row's mean and 1/std
+    (vectorized Welford, parallel over all N*C rows, not just C channels); the rows merge
+    per channel in float64; then the module's NCHW eval kernel. Group norm's normalized
+    output is thrown away: that costs a write, but no PyTorch CPU op returns a centered
+    second moment without one (``var_mean`` is a scalar Welford loop, 3.5 ms here; layer
+    norm is the same idea, 10-50% slower). (8, 3, 224, 224) float32: 0.53 ms, 0.47x the module.
 
 Train-mode routes then apply the module's running-stat rule (``num_batches_tracked``,
 momentum or the cumulative average, unbiased variance) in float64, as its CPU kernel does.
 Outputs equal ``nn.BatchNorm2d`` within rounding, not bitwise: the sums run in another order.
-Against a float64 reference, float32 outputs stay within 1e-6 of the output RMS at means
-0..3 (README, Numerics; tests/test_engine_fastpath.py).
+Against a float64 reference, float32 outputs stay within 8.1e-7 of the output RMS at means
+0..3, like the module's NCHW kernel (README, Numerics; tests/test_engine_fastpath.py).
 
-Where each route pays was measured on a 2-core AVX-512 VM (``benchmarks/*_fastpath.py``):
-see the thresholds below. Elsewhere the engine calls the module unchanged.
-
-No files, no printing; imported by :mod:`bncli.engine` only.
+The thresholds below say where each route was measured to pay; elsewhere the engine calls
+the module unchanged. No files, no printing; imported by :mod:`bncli.engine` only.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,21 +55,26 @@ import torch
 from torch import nn
 
 # Rows of the channels-last statistics view: few rows keep the kernel's float32 column sums
-# short (at most STATS_ROWS / threads terms), wide rows keep it vectorized. 128 measured
-# <= 2.6e-7 of the output RMS at mean 3 (against 3.1e-6 for the module's kernel), and as fast.
-STATS_ROWS = 128
-EVAL_ROW_VALUES = 256  # nhwc-eval: values per row of the wide view (the existing measure)
-# (route, element size) -> most channels where the route beat the module.
+# short (at most STATS_ROWS / threads terms), wide rows keep it vectorized. 512 rows measured
+# fastest (0.81 ms at (8, 224, 224, 3) float32; 128 rows 0.97, the old <=256-value rows 1.01)
+# and within the module's NCHW error (5.7e-7 at mean 3; the old rows 3.5e-6 at (16, 224, 224, 8)).
+STATS_ROWS = 512
+EVAL_ROW_VALUES = 256  # nhwc-eval: values per row of the wide view
+# (route, element size) -> most channels where the route measured faster than the module.
+# nchw-stats: float32 any C; float64 up to 16 (0.58-0.94x; 0.9-1.2x at C=64); never 16-bit.
 MAX_CHANNELS = {("nhwc-stats", 2): 15, ("nhwc-stats", 4): 15, ("nhwc-stats", 8): 15,
                 ("nhwc-eval", 2): 15, ("nhwc-eval", 4): 4, ("nhwc-eval", 8): 3,
-                ("nchw-stats", 4): 1 << 30, ("nchw-stats", 8): 1 << 30}
+                ("nchw-stats", 4): 1 << 30, ("nchw-stats", 8): 16}
 # Smallest inputs a route takes. nhwc-stats: from the pixel count where the module's float32
 # sums miss the 1e-6 bar (C=3, mean 3: 6.9e-7 at 64 pixels, 1.1e-6 at 256, 1.5e-5 at 65536),
-# which is also where it stops being slower. The others: where they start to pay.
+# although below ~2**14 pixels it is up to 0.09 ms slower than the module (fixed costs, 1 thread:
+# 0.11 ms against 0.02 ms at 256 pixels; 0.17 against 0.27 at 16384). The others: where they pay.
 MIN_PIXELS = {"nhwc-stats": 256, "nhwc-eval": 0, "nchw-stats": 0}
-MIN_NUMEL = {"nhwc-stats": 0, "nhwc-eval": 1 << 18, "nchw-stats": 1 << 16}
-# nchw-stats: layer-norm rows of at least this many values (shorter planes are split no
-# further), and enough rows to keep every thread busy.
+MIN_NUMEL = {"nhwc-stats": 0, "nhwc-eval": 1 << 18, "nchw-stats": 1 << 17}
+# nchw-stats: planes (H*W) of at least MIN_PLANE values (7x7 planes measured 1.06x the module,
+# 14x14 0.67x); planes split into rows of at least MIN_ROW_VALUES values when the N*C rows are
+# too few to keep every thread busy.
+MIN_PLANE = 128
 MIN_ROW_VALUES = 1024
 ROUTE_NAMES = {"nhwc-eval": "channels-last fast path", "nhwc-stats": "channels-last fast path",
                "nchw-stats": "NCHW statistics fast path"}
@@ -107,13 +113,17 @@ def choose(x: torch.Tensor, batch_stats: bool, *, thresholds: bool = True) -> Ro
     else:
         return None
     if name is None or (thresholds and (x.numel() < MIN_NUMEL[name] or n * h * w < MIN_PIXELS[name]
-                                        or c > MAX_CHANNELS.get((name, x.element_size()), 0))):
+                                        or c > MAX_CHANNELS.get((name, x.element_size()), 0)
+                                        or (name == "nchw-stats" and h * w < MIN_PLANE))):
         return None
     if name == "nchw-stats":
         return Route(name, _plane_split(h * w, n * c, torch.get_num_threads()))
     if name == "nhwc-eval":
         return Route(name, max(1, EVAL_ROW_VALUES // c))
-    return Route(name, _row_pixels(n * h * w, STATS_ROWS))
+    # Fewer rows than sqrt(pixels): each channel's mean averages more columns than a column
+    # sums rows, so the float32 rounding of the column sums averages out.
+    pixels = n * h * w
+    return Route(name, _row_pixels(pixels, max(1, min(STATS_ROWS, math.isqrt(pixels)))))
 
 
 @functools.lru_cache(maxsize=256)
@@ -187,9 +197,11 @@ def _update_running_stats(module: nn.BatchNorm2d, mean_p: np.ndarray, var: np.nd
     if not (module.training and module.running_mean is not None and module.running_var is not None):
         return
     assert module.num_batches_tracked is not None
-    module.num_batches_tracked.add_(1)
-    factor = 1.0 / float(module.num_batches_tracked.item()) if module.momentum is None else module.momentum
-    running_mean, running_var = module.running_mean.numpy(), module.running_var.numpy()  # views: CPU
+    # NumPy views of the CPU buffers: the same memory, a microsecond an operation.
+    tracked = module.num_batches_tracked.numpy()
+    tracked += 1
+    factor = 1.0 / float(tracked) if module.momentum is None else module.momentum
+    running_mean, running_var = module.running_mean.numpy(), module.running_var.numpy()
     running_mean[...] = factor * mean_p.astype(np.float64) + (1 - factor) * running_mean.astype(np.float64)
     running_var[...] = factor * var * (count / (count - 1)) + (1 - factor) * running_var.astype(np.float64)
 
@@ -211,7 +223,7 @@ def _apply_channels_last(x: torch.Tensor, k: int, mean: torch.Tensor, var: torch
     none = torch.empty(0, dtype=mean.dtype)
 
     def tile(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.repeat(k)
+        return None if t is None else t.expand(k, c).reshape(k * c)  # 2x faster than repeat()
 
     if rows:
         main = rows * k
@@ -252,16 +264,19 @@ def _stats_channels_last(x: torch.Tensor, k: int, param: torch.dtype) -> tuple[n
 
 def _stats_planes(x: torch.Tensor, row: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance (float64) of a contiguous NCHW ``x``, from the
-    moments of layer-norm rows of ``row`` values (each within one channel plane)."""
+    moments of rows of ``row`` values (each within one channel plane)."""
     n, c, h, w = x.shape
     rows = x.numel() // row
-    # A float32 weight makes 16-bit inputs a mixed-type call, whose moments come back float32.
-    weight = None if x.dtype in (torch.float32, torch.float64) else torch.ones(row)
-    _, mean_r, rstd_r = torch.native_layer_norm(x.view(rows, row), (row,), weight, None, 0.0)
-    m = mean_r.numpy().astype(np.float64).reshape(n, c, -1)
+    # Group norm with one group per row returns each row's mean and 1/sqrt(var + eps); its
+    # normalized output is not used. A float32 weight makes 16-bit inputs a mixed-type call,
+    # whose moments come back float32.
+    weight = None if x.dtype in (torch.float32, torch.float64) else torch.ones(rows)
+    _, mean_r, rstd_r = torch.native_group_norm(x.view(1, rows, row), weight, None, 1, rows, row, rows, 0.0)
+    m = mean_r.numpy().reshape(n, c, -1).astype(np.float64)
+    r = rstd_r.numpy().reshape(n, c, -1).astype(np.float64)
+    groups = m.shape[0] * m.shape[2]  # rows per channel, all of the same size
+    mean = m.sum((0, 2)) / groups
     with np.errstate(divide="ignore"):
         # eps 0: rstd = 1 / sqrt(var), inf for a constant row, whose variance 1 / inf**2 is 0.
-        v = 1.0 / np.square(rstd_r.numpy().astype(np.float64)).reshape(n, c, -1)
-    mean = m.mean((0, 2))
-    var = v.mean((0, 2)) + np.square(m - mean[None, :, None]).mean((0, 2))  # equal-size rows
+        var = (1.0 / (r * r) + np.square(m - mean[:, None])).sum((0, 2)) / groups
     return mean, var

@@ -166,7 +166,7 @@ def test_nhwc_eval_route_is_bitwise_the_module(dtype: torch.dtype, affine: bool,
 
 # -- precision at the bar, where PyTorch's channels-last kernel misses it ----------------------
 @pytest.mark.parametrize(("memory", "shape"), [
-    ("nchw", (8, 3, 64, 64)), ("nchw", (1, 3, 181, 191)), ("nhwc", (4, 8, 64, 64)),
+    ("nchw", (8, 3, 96, 96)), ("nchw", (1, 3, 241, 251)), ("nhwc", (4, 8, 64, 64)),
     ("nhwc", (1, 3, 179, 181)),  # 32399 pixels, no divisor near the row count: a remainder block
 ])
 @pytest.mark.parametrize("offset", [0.0, 3.0])
@@ -249,6 +249,11 @@ def test_routes_follow_the_thresholds() -> None:
     n = fastpath.MIN_NUMEL["nchw-stats"]
     assert route_of((1, 1, 1, n), f32, "nchw", True) == "nchw-stats"
     assert route_of((1, 1, 1, n - 1), f32, "nchw", True) is None
+    plane = fastpath.MIN_PLANE  # shorter planes: group norm's per-row work dominates
+    assert route_of((n // plane + 1, 1, 1, plane), f32, "nchw", True) == "nchw-stats"
+    assert route_of((n // plane + 1, 1, 1, plane - 1), f32, "nchw", True) is None
+    assert route_of((8, 16, 112, 112), torch.float64, "nchw", True) == "nchw-stats"
+    assert route_of((8, 17, 112, 112), torch.float64, "nchw", True) is None
     # channels-last: batch statistics from the pixel count where the module's float32 sums
     # miss the bar, up to 15 channels; eval (bitwise anyway) where it is faster.
     p = fastpath.MIN_PIXELS["nhwc-stats"]
