@@ -3,9 +3,10 @@
 Two independent oracles (STYLE rule 8):
 
 * ``nn.BatchNorm2d`` itself, fed the same tensor in the same memory format. The engine calls
-  the module on NCHW inputs (contiguous, and channels_last below its fast-path size), so there
-  outputs and state must be bit-identical, for every dtype. Large channels-last batches take
-  the engine's own fast path and are compared with tight tolerances.
+  the module on inputs below its fast paths' sizes (bncli/fastpath.py: 2**17 values for NCHW
+  batch statistics, 256 pixels for channels-last), so there outputs and state must be
+  bit-identical, for every dtype. Larger batches take the fast paths and are compared with
+  tight tolerances (here and in tests/test_engine_fastpath.py).
 * :mod:`reference` (float64 NumPy, written from the formula). Against it, float32 outputs must
   agree to about 1e-6 relative and float64 to about 1e-12; cases where PyTorch's own kernels
   miss that are marked ``xfail`` with the measured error, not hidden behind a loose tolerance.
