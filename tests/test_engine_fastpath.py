@@ -24,6 +24,7 @@ from torch import nn
 
 from bncli import fastpath
 from bncli.engine import BatchNormConfig, BatchNormEngine
+from bncli.errors import ShapeError
 from bncli.timing import num_threads
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -278,6 +279,29 @@ def test_engine_dispatch_uses_the_routes() -> None:
     with torch.no_grad():
         torch.testing.assert_close(y, module.eval()(x.contiguous()))
         assert not torch.equal(y, module.eval()(x))  # not the module's own channels-last kernel
+
+
+def test_remembered_routes_still_validate_and_follow_dtype_and_threads() -> None:
+    """apply() remembers validation and route per (shape, strides, dtype, mode, layout, threads):
+    a new kind of input is still checked, a dtype change still converts the state, and a new
+    thread count re-plans the row split."""
+    engine, module, _ = trio(3, torch.float32, OPTIONS["cma"])
+    x = batch((8, 3, 96, 96), torch.float32, "nchw")
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        y = engine.apply(x.to(dtype), "train")
+        assert y.dtype == dtype and engine.module.running_mean.dtype == param_dtype(dtype)
+    with pytest.raises(ShapeError, match="4 channels"):
+        engine.apply(batch((8, 4, 96, 96), torch.float32, "nchw"), "train")
+    with pytest.raises(ShapeError, match="4D"):
+        engine.apply(x[0], "train")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        engine.apply(x, "training")
+    one_image = batch((1, 3, 256, 256), torch.float32, "nchw")  # 3 planes: split for the threads
+    for threads in (1, 2):
+        with num_threads(threads):
+            engine.apply(one_image, "train")
+    widths = {route.width for route in engine._routes.values() if route is not None and route.width != 96 * 96}
+    assert widths == {65536 // 4, 65536 // 8}  # 12 rows for 1 thread, 24 for 2
 
 
 @pytest.mark.parametrize("threads", [1, 2])
