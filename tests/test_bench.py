@@ -227,6 +227,7 @@ def test_bench_help_fits_80_columns() -> None:
     result = CliRunner(env={"COLUMNS": "80", "NO_COLOR": "1", "TERM": "dumb"}).invoke(app, ["bench", "--help"])
     assert result.exit_code == 0
     assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert "…" not in result.stdout  # no word cut to fit a column
     assert f"1 to {MAX_THREADS} (4x the cores)" in plain(result.stdout)
 
 

@@ -218,7 +218,7 @@ def test_nan_stays_in_its_channel(memory: str) -> None:
 
 @pytest.mark.parametrize("memory", ["nchw", "nhwc"])
 def test_constant_channel_maps_to_its_bias(memory: str) -> None:
-    """Variance 0 (the layer-norm rstd of its planes is inf): the output is the bias, up to the
+    """Variance 0 (the group-norm rstd of its planes is inf): the output is the bias, up to the
     rounding of y = x * scale + shift, where scale = weight / sqrt(eps) is 300 times the weight
     (the module's own kernel rounds the same way)."""
     engine, module, ref = trio(3, torch.float32, OPTIONS["default"])

@@ -89,7 +89,7 @@ def bench(
     backward: Annotated[bool, typer.Option(
         "--backward", help="Also time forward+backward of nn.BatchNorm2d (the engine has no autograd path).")] = False,
     compile_: Annotated[bool, typer.Option(
-        "--compile", help="Also time torch.compile(nn.BatchNorm2d); slow to build, skipped with a note "
+        "--compile", help="Also time torch.compile of nn.BatchNorm2d; slow to build, skipped with a note "
                           "if it fails (e.g. no C++ compiler).")] = False,
     cuda_graphs: Annotated[bool, typer.Option(
         "--cuda-graphs", help="CUDA: time CUDA-graph replays, without launch overhead.")] = False,
