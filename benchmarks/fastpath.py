@@ -18,7 +18,7 @@ latter is steadier on a shared machine). ``route`` is the path the engine took;
 Before timing, each row is checked: a route without batch statistics must be bitwise the
 module; one with batch statistics must match the module on the NCHW copy of the values
 (torch.testing's default tolerances, one output rounding for 16-bit types, running stats
-included) and be no further from a
+included, to 1e-3 for 16-bit data, where the module's own sums drift) and be no further from a
 float64 reference than the module is on the same memory, or within the bar (1e-6 float32,
 1e-12 float64; ``err engine`` / ``err nn``: max |y - y_float64| over the output RMS). The
 script exits 1 if any row fails its check.
@@ -91,11 +91,14 @@ def check(engine: BatchNormEngine, module: nn.BatchNorm2d, state: dict, x: torch
                        None if train else d["running_var"], d["weight"], d["bias"], train, 0.0, module.eps)
     out = {"bitwise_vs_nn": bool(torch.equal(got, mine)), "err_engine": rel_error(got, ref),
            "err_nn": rel_error(mine, ref)}
-    # One output rounding apart is as close as 16-bit results of two float32 computations get.
+    # One output rounding apart is as close as 16-bit results of two float32 computations get;
+    # the module's running stats of 16-bit NCHW data come from float32 sums (up to 2.6e-4 off).
+    half = x.dtype in (torch.float16, torch.bfloat16)
     tols = {torch.float16: dict(rtol=1e-3, atol=1e-3), torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}.get(x.dtype, {})
     try:
         torch.testing.assert_close(got, contiguous, **tols)
-        torch.testing.assert_close(engine.module.state_dict(), nchw.state_dict())
+        torch.testing.assert_close(engine.module.state_dict(), nchw.state_dict(),
+                                   **(dict(rtol=1e-3, atol=1e-5) if half else {}))
         out["close_to_nn_nchw"] = True
     except AssertionError:
         out["close_to_nn_nchw"] = False
