@@ -129,11 +129,13 @@ SHAPES = [
 @pytest.mark.parametrize("memory", ["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("opts", OPTIONS.values(), ids=OPTIONS.keys())
-def test_batch_statistics_routes(opts: dict, dtype: torch.dtype, memory: str, shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batch_statistics_routes(seed: int, opts: dict, dtype: torch.dtype, memory: str,
+                                 shape: tuple[int, ...]) -> None:
     """train, train, eval (eval with batch stats when there are no running stats)."""
-    engine, module, ref = trio(shape[1], dtype, opts)
+    engine, module, ref = trio(shape[1], dtype, opts, seed=seed)
     for step, mode in enumerate(("train", "train", "eval")):
-        x = batch(shape, dtype, memory, seed=step)
+        x = batch(shape, dtype, memory, seed=10 * seed + step)
         if mode == "eval" and opts["track_running_stats"]:
             continue  # running statistics: the nhwc-eval test below
         y = forced(engine, x, mode)
@@ -171,18 +173,19 @@ def test_nhwc_eval_route_is_bitwise_the_module(dtype: torch.dtype, affine: bool,
     ("nhwc", (1, 3, 179, 181)),  # 32399 pixels, no divisor near the row count: a remainder block
 ])
 @pytest.mark.parametrize("offset", [0.0, 3.0])
-def test_float32_meets_the_bar(memory: str, shape: tuple[int, ...], offset: float) -> None:
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_meets_the_bar(seed: int, memory: str, shape: tuple[int, ...], offset: float) -> None:
     """float32 train within 1e-6 of the output RMS at mean 0 and 3, through the engine's own
     dispatch (these sizes take the route); the module on the same NHWC memory misses it."""
-    engine, module, ref = trio(shape[1], torch.float32, OPTIONS["default"])
-    x = batch(shape, torch.float32, memory, offset=offset)
+    engine, module, ref = trio(shape[1], torch.float32, OPTIONS["default"], seed=seed)
+    x = batch(shape, torch.float32, memory, seed=seed, offset=offset)
     assert fastpath.choose(x, batch_stats=True) is not None
     y = engine.apply(x, "train")
     want = ref.forward(x.double().numpy(), training=True)
     assert scaled_error(y, want) <= 1e-6
     if memory == "nhwc":
         with torch.no_grad():
-            assert scaled_error(module.train()(x), want) > 2e-6  # the finding the route fixes
+            assert scaled_error(module.train()(x), want) > 1e-6  # the finding the route fixes
 
 
 def test_half_types_keep_float32_statistics() -> None:
