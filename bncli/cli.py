@@ -11,7 +11,7 @@ import os
 import typer
 
 from bncli import __version__
-from bncli.commands import bench, check_shape, compare, normalize, stats
+from bncli.commands import bench, check_shape, compare, inspect, normalize, stats
 from bncli.commands.common import DEBUG
 
 app = typer.Typer(
@@ -20,7 +20,9 @@ app = typer.Typer(
         "Apply torch.nn.BatchNorm2d to tensors saved on disk (.npy .pt .npz .safetensors), "
         "and explain what goes wrong around it.\n\n"
         "Start with `bncli check-shape FILE`, then `bncli normalize FILE`; "
-        "`bncli compare FILE` shows what model.eval() changes; `bncli stats FILES` gives exact "
+        "`bncli compare FILE` shows what model.eval() changes; `bncli inspect CKPT` audits every "
+        "BatchNorm layer of a checkpoint (NaN or tiny running_var, never-updated stats, dead "
+        "channels); `bncli stats FILES` gives exact "
         "dataset mean/std; `bncli bench` times BatchNorm2d on this machine. "
         "Every command has --json for scripts."
     ),
@@ -54,6 +56,7 @@ def _root(
 app.command("normalize", no_args_is_help=True)(normalize.normalize)
 app.command("check-shape", no_args_is_help=True)(check_shape.check_shape)
 app.command("compare", no_args_is_help=True)(compare.compare)
+app.command("inspect", no_args_is_help=True)(inspect.inspect)
 app.command("stats", no_args_is_help=True)(stats.stats)
 app.command("bench")(bench.bench)
 

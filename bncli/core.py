@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 from bncli import io
-from bncli.engine import STATE_KEYS, BatchNormConfig, BatchNormEngine, resolve_device, validate_input
+from bncli.audit import LayerAudit, audit_layer
+from bncli.engine import BatchNormConfig, BatchNormEngine, resolve_device, validate_input
 from bncli.errors import DTypeError, ShapeError, StateError
+from bncli.layers import bn_layers, find_layer, layer_listing, layer_tensors
 from bncli.moments import Moments
 
 
@@ -41,31 +43,16 @@ class LayerSource:
 
     description: str
     ignored_keys: list[str] = field(default_factory=list)
-
-
-def bn_layers(state: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
-    """The BatchNorm layers in a flat state_dict as (prefix, num_features).
-
-    A layer is a prefix with both ``running_mean`` and ``running_var`` (prefix ``""`` for
-    a bare BatchNorm2d state_dict).
-    """
-    layers = []
-    for key, value in state.items():
-        if key == "running_mean" or key.endswith(".running_mean"):
-            prefix = key[: -len("running_mean")].rstrip(".")
-            if f"{prefix}.running_var" in state or (not prefix and "running_var" in state):
-                layers.append((prefix, int(value.numel())))
-    return layers
-
-
-def _layer_listing(layers: list[tuple[str, int]], limit: int = 20) -> str:
-    shown = ", ".join(f"{p or '(top level)'} [C={c}]" for p, c in layers[:limit])
-    return shown + (f", ... ({len(layers)} in all)" if len(layers) > limit else "")
+    # The checkpoint layer's findings (bncli.audit), with this run's eps and momentum.
+    audit: LayerAudit | None = None
 
 
 def select_layer(state: Mapping[str, torch.Tensor], prefix: str | None,
                  source: str) -> tuple[dict[str, torch.Tensor], str]:
     """Pick one BatchNorm layer's tensors out of a state_dict or whole-model checkpoint.
+
+    ``prefix`` is matched by :func:`bncli.layers.find_layer` (containers and wrapper
+    prefixes understood); without one, a file with a single layer needs none.
 
     Returns:
         The layer's tensors under bare keys (``weight``, ``running_mean`` ...) and its prefix.
@@ -76,21 +63,7 @@ def select_layer(state: Mapping[str, torch.Tensor], prefix: str | None,
     layers = bn_layers(state)
     names = [p for p, _ in layers]
     if prefix is not None:
-        prefix = prefix.rstrip(".")
-        # Checkpoints nest a (Distributed)DataParallel state_dict, whose keys start with
-        # "module.", under "model"/"state_dict" (the ImageNet example does); users copy the
-        # prefix with or without that "module.".
-        wrappers = ("", "module.", "model.", "state_dict.", "model.module.", "state_dict.module.")
-        bases = dict.fromkeys((prefix, prefix.removeprefix("module.")))
-        candidates = [w + b for b in bases for w in wrappers]
-        found = next((c for c in candidates if c in names), None)
-        if found is None:
-            near = [p for p in names if p.endswith(prefix) or prefix in p]
-            hint = (f"Did you mean {near[0]!r}? " if near else "") + (
-                f"BatchNorm layers in this file: {_layer_listing(layers)}." if layers
-                else "This file holds no BatchNorm layer (no *.running_mean/*.running_var keys).")
-            raise StateError(f"{source}: no BatchNorm layer with prefix {prefix!r}.", hint=hint)
-        prefix = found
+        prefix = find_layer(state, prefix, source)
     elif "" in names or any(k in state for k in ("weight", "bias")) and not layers:
         prefix = ""
     elif len(layers) == 1:
@@ -101,9 +74,8 @@ def select_layer(state: Mapping[str, torch.Tensor], prefix: str | None,
                               "or use --weight/--bias for the affine parameters only.")
     else:
         raise StateError(f"{source}: holds {len(layers)} BatchNorm layers; which one?",
-                         hint=f"Choose with --prefix, one of: {_layer_listing(layers)}.")
-    dot = f"{prefix}." if prefix else ""
-    return {k: state[dot + k] for k in STATE_KEYS if dot + k in state}, prefix
+                         hint=f"Choose with --prefix, one of: {layer_listing(layers)}.")
+    return layer_tensors(state, prefix), prefix
 
 
 def build_engine(opts: EngineOptions, *, data_channels: int | None, data_dtype: torch.dtype
@@ -118,7 +90,12 @@ def build_engine(opts: EngineOptions, *, data_channels: int | None, data_dtype: 
         flat = io.load_state_dict(opts.state)
         layer, prefix = select_layer(flat, opts.prefix, str(opts.state))
         where = f"layer {prefix!r} of " if prefix else ""
-        source = LayerSource(f"{where}{opts.state}")
+        audit = audit_layer(layer, prefix=prefix, eps=opts.eps, momentum=opts.momentum)
+        source = LayerSource(f"{where}{opts.state}", audit=audit)
+        # The engine refuses these too; the audit's words name the channels.
+        refused = next((f for f in audit.findings if f.code in ("shape_mismatch", "negative_var")), None)
+        if refused is not None:
+            raise StateError(f"{source.description}: {refused.message}", hint=refused.hint)
     elif opts.prefix is not None:
         raise StateError("--prefix was given without --state.",
                          hint="Pass the checkpoint with --state FILE --prefix NAME.")
@@ -196,7 +173,7 @@ def check_destinations(path: Path, output: Path, save_state: Path | None, *, for
     """Refuse a bad output or --save-state path before any work (the input is never touched)."""
     io.check_output(output, force=force, protect=[path])
     if save_state is not None:
-        io.check_output(save_state, force=force, protect=[path, output], allowed=io.STATE_SUFFIXES)
+        io.check_output(save_state, force=force, protect=[path, output], allowed=io.STATE_OUTPUT_SUFFIXES)
         if Path(save_state).resolve() == Path(output).resolve():
             raise StateError("--save-state and the output are the same file.",
                              hint="Give them different names.")

@@ -251,8 +251,9 @@ def check_file(path: Path, *, key: str | None = None, num_features: int | None =
         hint = exc.hint or ""
         if "running_mean" in hint and key is None:
             # A model checkpoint passed where data was expected: say what it is for.
-            hint = ("This looks like a model checkpoint (it holds BatchNorm running stats): pass it to "
-                    "normalize/compare as --state FILE --prefix LAYER, and check the data file. " + hint)
+            hint = ("This looks like a model checkpoint (it holds BatchNorm running stats): audit it "
+                    f"with bncli inspect {path}, or pass it to normalize/compare as --state FILE "
+                    "--prefix LAYER, and check the data file. " + hint)
         report.findings.append(_err("ambiguous_key", exc.message, hint))
         return report
     except BncliError as exc:

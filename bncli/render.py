@@ -81,11 +81,19 @@ def findings_text(report: Any) -> Text:
         text.append("FAIL ", style="bold red")
     text.append(f"{where}  shape {shape}  dtype {report.dtype or '?'}\n")
     for f in report.findings:
-        style = "red" if f.severity == "error" else "yellow"
-        text.append(f"  {f.severity}[{f.code}] ", style=f"bold {style}")
-        text.append(f"{f.message}\n")
-        text.append("    fix: ", style="cyan")
-        text.append(f"{f.hint}\n")
+        finding_text(f, text)
+    return text
+
+
+def finding_text(f: Any, text: Text, where: str = "") -> Text:
+    """Append ``  severity[code] (where: )message`` and ``    fix: hint`` to ``text``."""
+    style = "red" if f.severity == "error" else "yellow"
+    text.append(f"  {f.severity}[{f.code}] ", style=f"bold {style}")
+    if where:
+        text.append(f"{where}: ", style="bold")
+    text.append(f"{f.message}\n")
+    text.append("    fix: ", style="cyan")
+    text.append(f"{f.hint}\n")
     return text
 
 

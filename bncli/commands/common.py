@@ -67,8 +67,8 @@ def parse_eps(value: float) -> float:
     return value
 
 
-def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
-    """Print one red error line (and the fix) on stderr; return the Exit to raise."""
+def print_error(message: str, hint: str | None = None) -> None:
+    """One red ``Error:`` line and a ``Fix:`` line on stderr."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -76,6 +76,11 @@ def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
     err.print(f"[bold red]Error:[/] {escape(message)}")
     if hint:
         err.print(f"[yellow]Fix:[/] {escape(hint)}")
+
+
+def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
+    """Print one red error line (and the fix) on stderr; return the Exit to raise."""
+    print_error(message, hint)
     return typer.Exit(code)
 
 
@@ -127,6 +132,15 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def state_findings(source: Any) -> list[dict[str, Any]]:
+    """The ``--state`` layer's audit findings (``bncli inspect``'s) for a JSON document."""
+    if getattr(source, "audit", None) is None:
+        return []
+    from bncli.audit import finding_dict
+
+    return [finding_dict(f) for f in source.audit.findings]
+
+
 def finite_or_none(value: float) -> float | None:
     """JSON has no NaN/Inf: report them as null."""
     import math
@@ -137,7 +151,7 @@ def finite_or_none(value: float) -> float | None:
 # -- options shared by every command that builds an engine --------------------------------
 LAYER_PANEL = "BatchNorm2d layer (same names as the module's arguments)"
 # Annotated aliases so normalize and compare spell each flag (and its help) once.
-InputArg = Annotated[Path, typer.Argument(help="Tensor file: .npy, .pt/.pth, .npz or .safetensors.",
+InputArg = Annotated[Path, typer.Argument(help="Tensor file: .npy, .pt/.pth/.ckpt, .npz or .safetensors.",
                                           show_default=False, metavar="INPUT")]
 KeyOpt = Annotated[str | None, typer.Option(
     "--key", "-k", help="Which tensor of a .pt/.npz/.safetensors that holds several (listed if ambiguous).")]
@@ -171,10 +185,12 @@ BiasOpt = Annotated[str | None, typer.Option(
     rich_help_panel=LAYER_PANEL)]
 StateOpt = Annotated[Path | None, typer.Option(
     "--state", metavar="FILE",
-    help="state_dict or whole-model checkpoint (.pt/.safetensors) to take weight, bias and running stats from.",
+    help="state_dict or checkpoint (.pt/.pth, Lightning .ckpt, .safetensors) to take weight, bias and "
+         "running stats from (audited: see bncli inspect).",
     rich_help_panel=LAYER_PANEL)]
 PrefixOpt = Annotated[str | None, typer.Option(
-    "--prefix", metavar="NAME", help="Layer in a model checkpoint, e.g. layer1.0.bn1 (lists the layers if wrong).",
+    "--prefix", metavar="NAME", help="Layer in a model checkpoint, e.g. layer1.0.bn1; containers and "
+    "module./_orig_mod. wrappers need not be typed (lists the layers if wrong).",
     rich_help_panel=LAYER_PANEL)]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run; auto picks cuda/mps when available.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]

@@ -25,6 +25,7 @@ from bncli.commands.common import (
     handle_errors,
     parse_momentum,
     print_json,
+    state_findings,
 )
 
 
@@ -70,28 +71,50 @@ def compare(
         _render(result)
 
 
+def state_notes(r: Any) -> list[str]:
+    """The checkpoint layer's audit findings (bncli inspect's), errors first, as sentences.
+
+    A finding about some channels says whether the largest |train - eval| falls on one.
+    """
+    import numpy as np
+
+    audit = r.source.audit
+    if audit is None:
+        return []
+    diff = r.max_abs_diff
+    worst = int(np.nanargmax(diff)) if diff.size and np.isfinite(diff).any() else None
+    lines = []
+    for f in audit.findings:
+        line = f"{f.severity}[{f.code}] {f.message}"
+        channels = getattr(f, "channels", ())
+        if worst is not None and worst in channels and len(channels) < len(diff):
+            line += f" Channel {worst} has the largest |train - eval| above."
+        lines.append(f"{line} Fix: {f.hint}")
+    return lines
+
+
 def explain(r: Any) -> list[str]:
-    """Plain-language reasons for the gap, from the numbers of this input."""
+    """Plain-language reasons for the gap, from the numbers of this input.
+
+    The state's own findings come first (a running_var below eps decides the gap more
+    than any convergence or n/(n-1) detail), then how train and eval mode differ.
+    """
     cfg = r.config
     n = r.count
-    lines = [f"Train mode normalizes each channel with this batch's own statistics: the mean and "
-             f"the biased variance over N*H*W = {n} values per channel."]
+    lines = state_notes(r)
+    lines.append(f"Train mode normalizes each channel with this batch's own statistics: the mean and "
+                 f"the biased variance over N*H*W = {n} values per channel.")
     if not cfg.track_running_stats:
         lines.append("track_running_stats is off, so eval mode ALSO uses batch statistics: "
                      "train and eval agree (up to rounding), and there is nothing to update.")
         return lines
     lines.append(f"Eval mode (model.eval()) uses running_mean/running_var from {r.source.description} "
                  "instead, so outputs differ wherever the running stats differ from this batch's.")
-    if r.running_mean is not None and (abs(r.running_mean).max() == 0 and (r.running_var == 1).all()):
+    if r.source.audit is None and r.running_mean is not None and (
+            abs(r.running_mean).max() == 0 and (r.running_var == 1).all()):
         lines.append("These are a fresh module's mean 0 / var 1, so eval mode barely changes the input "
                      "(y = x / sqrt(1 + eps) * weight + bias): a classic symptom of a model whose "
                      "BatchNorm layers were never trained or whose checkpoint was not loaded.")
-    steps = (r.num_batches_tracked_after or 1) - 1
-    if cfg.momentum is not None and 0 < steps and (1 - cfg.momentum) ** steps > 0.01:
-        left = (1 - cfg.momentum) ** steps
-        lines.append(f"These running stats have seen only {steps} train steps: with momentum "
-                     f"{cfg.momentum} the initial mean 0 / var 1 still weighs (1 - {cfg.momentum})^{steps} = "
-                     f"{left:.1%} in them, so they have not converged to the data's statistics.")
     if n > 1:
         lines.append(f"The running variance stores the UNBIASED batch variance (times n/(n-1) = "
                      f"{n}/{n - 1} = {n / (n - 1):.6g}), while normalization uses the biased one.")
@@ -128,6 +151,7 @@ def _to_json(r: Any) -> dict[str, Any]:
         "values_per_channel": r.count,
         "num_batches_tracked_after_train_step": r.num_batches_tracked_after,
         "max_abs_diff": finite_or_none(r.overall_max_abs_diff),
+        "state_findings": state_findings(r.source),
         "channels": channels,
         "explanation": explain(r),
     }
@@ -135,6 +159,7 @@ def _to_json(r: Any) -> dict[str, Any]:
 
 def _render(r: Any) -> None:
     import numpy as np
+    from rich.markup import escape
 
     from bncli.render import bar, console, fmt, kv_line, normalize_table
 
@@ -161,4 +186,4 @@ def _render(r: Any) -> None:
     out.print(normalize_table(n, used, title))
     out.print("[bold]Why they differ[/]")
     for line in explain(r):
-        out.print(f"  • {line}")
+        out.print(f"  • {escape(line)}")

@@ -30,6 +30,7 @@ from bncli.commands.common import (
     handle_errors,
     parse_momentum,
     print_json,
+    state_findings,
 )
 from bncli.commands.stats import ChunkSizeOpt
 
@@ -110,6 +111,7 @@ def _to_json(r: Any) -> dict[str, Any]:
         "dtype": r.dtype, "mode": r.mode, "layout": r.layout, "device": r.device,
         "state_source": r.source.description,
         "ignored_state_keys": r.source.ignored_keys,
+        "state_findings": state_findings(r.source),
         "save_state": str(r.state_path) if r.state_path else None,
         "execution": r.execution,
         "channels": [
@@ -142,6 +144,19 @@ def _render(r: Any) -> None:
         out.print(kv_line([("num_batches_tracked", str(int(r.state["num_batches_tracked"])))]))
     out.print(kv_line([("wrote", str(r.output))] +
                       ([("state", str(r.state_path))] if r.state_path else [])))
+    audit = r.source.audit
+    if r.mode == "eval" and audit is not None and audit.findings:
+        # Eval output is only as good as the running stats: say what bncli inspect would.
+        from rich.text import Text
+
+        from bncli.render import finding_text
+
+        notes = Text(f"Note: the state ({r.source.description}) has findings "
+                     "(as bncli inspect reports them):\n", style="yellow")
+        for f in audit.findings:
+            finding_text(f, notes)
+        notes.rstrip()
+        console(stderr=True).print(notes)
     if r.source.ignored_keys:
         console(stderr=True).print(f"[yellow]Note:[/] ignored state keys {r.source.ignored_keys} "
                                    "(not used with these options).")

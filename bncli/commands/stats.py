@@ -82,7 +82,7 @@ def stats(
     from bncli.progress import progress_callback
 
     if save_state is not None:  # refuse a bad destination before a long pass, not after
-        io.check_output(save_state, force=force, protect=inputs, allowed=io.STATE_SUFFIXES)
+        io.check_output(save_state, force=force, protect=inputs, allowed=io.STATE_OUTPUT_SUFFIXES)
     with progress_callback(enabled=not as_json) as progress:
         result = datastats.dataset_stats(inputs, key=key, layout=layout.value,
                                          chunk_bytes=chunk_size or DEFAULT_CHUNK_BYTES, scale=scale,

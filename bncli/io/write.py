@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 
-from bncli.io.formats import STATE_SUFFIXES, TENSOR_SUFFIXES
+from bncli.io.formats import OUTPUT_SUFFIXES, STATE_OUTPUT_SUFFIXES
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def default_output(input_path: Path, suffix: str | None = None) -> Path:
 
 
 def check_output(dest: Path, *, force: bool, protect: Iterable[Path] = (),
-                 allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> None:
+                 allowed: tuple[str, ...] = OUTPUT_SUFFIXES) -> None:
     """Refuse to write over an input (ever) or an existing file (unless ``force``)."""
     suffix = dest.suffix.lower()
     if suffix not in allowed:
@@ -54,7 +54,7 @@ def check_output(dest: Path, *, force: bool, protect: Iterable[Path] = (),
 
 @contextlib.contextmanager
 def atomic_output(dest: Path, *, force: bool, protect: Iterable[Path] = (),
-                  allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> Iterator[Path]:
+                  allowed: tuple[str, ...] = OUTPUT_SUFFIXES) -> Iterator[Path]:
     """Yield a temp path beside ``dest``; on success rename it over ``dest`` atomically.
 
     Any exception, Ctrl-C included, removes the temp file, so no partial output can
@@ -81,7 +81,7 @@ def atomic_output(dest: Path, *, force: bool, protect: Iterable[Path] = (),
 
 
 def write_atomic(dest: Path, writer: Callable[[BinaryIO], None], *, force: bool,
-                 protect: Iterable[Path] = (), allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> None:
+                 protect: Iterable[Path] = (), allowed: tuple[str, ...] = OUTPUT_SUFFIXES) -> None:
     """Run ``writer(fileobj)`` into a temp file, fsync it and rename it to ``dest``."""
     with atomic_output(dest, force=force, protect=protect, allowed=allowed) as tmp:
         with tmp.open("wb") as fh:
@@ -141,6 +141,6 @@ def save_state_dict(state: Mapping[str, torch.Tensor], dest: Path, *, force: boo
     else:
         def writer(fh: BinaryIO) -> None:
             torch.save(dict(state), fh)
-    write_atomic(dest, writer, force=force, protect=protect, allowed=STATE_SUFFIXES)
+    write_atomic(dest, writer, force=force, protect=protect, allowed=STATE_OUTPUT_SUFFIXES)
 
 
