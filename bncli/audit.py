@@ -256,8 +256,8 @@ def _count_findings(m: np.ndarray | None, v: np.ndarray | None, nbt: int | None,
     if nbt == 0:
         return [ChannelFinding(
             "never_updated", "warning",
-            f"num_batches_tracked is 0, but the running stats of all {c} channels are not a fresh "
-            "layer's mean 0 / var 1: "
+            "num_batches_tracked is 0, but the running stats are not a fresh layer's mean 0 / var 1 "
+            "(in every channel): "
             "they were set without train steps (loaded from an old checkpoint, averaged, edited), "
             "so nothing says how well they fit the data.",
             "Check them against data: bncli compare DATA --state FILE --prefix LAYER; with "
@@ -267,13 +267,19 @@ def _count_findings(m: np.ndarray | None, v: np.ndarray | None, nbt: int | None,
     left = (1 - momentum) ** nbt
     if left <= UNCONVERGED_WEIGHT:
         return []
+    finite_var = v[np.isfinite(v)] if v is not None else np.array([])
+    if finite_var.size and float(finite_var.min()) < left:
+        # After nbt steps at this momentum from var 1, every running_var is at least `left`
+        # (the initial 1's share). A smaller one proves another history (momentum=None, as in
+        # `bncli stats --save-state`, a reset counter, edited stats): no convergence claim.
+        return []
     need = math.ceil(math.log(UNCONVERGED_WEIGHT) / math.log(1 - momentum)) if momentum > 0 else None
     steps = f" (it takes {need} steps to fall under 1%)" if need else ""
     return [ChannelFinding(
         "unconverged", "warning",
         f"num_batches_tracked is {nbt}: with momentum {momentum:g} the initial mean 0 / var 1 "
-        f"still weighs (1 - {momentum:g})^{nbt} = {left:.1%} in the running stats of all {c} "
-        f"channels{steps}, so they "
+        f"still weighs (1 - {momentum:g})^{nbt} = {left:.1%} in the running stats of every "
+        f"channel{steps}, so they "
         "have not converged to the data's statistics.",
         f"Run more train-mode batches before saving{f' (at least {need})' if need else ''}, or "
         "recalibrate with an exact average: bn.momentum = None; bn.reset_running_stats(); forward "

@@ -46,7 +46,7 @@ def _table(report: Any, width: int) -> Table:
         worst = "error" if a.count("error") else "warning" if a.findings else ""
         rows.append([escape(report.display_name(a) or "(top level)"), str(a.channels or "-"),
                      "-" if a.num_batches_tracked is None else str(a.num_batches_tracked),
-                     *[_span(a.buffers.get(key), " … ") for key, _ in BUFFERS], worst])
+                     *[_span(a.buffers.get(key), "…") for key, _ in BUFFERS], worst])
     headers = ["layer", "C", "batches", *[h for _, h in BUFFERS], "error"]
     widths = [max(len(r[i].split("\n")[0]) for r in [headers, *rows]) for i in range(len(headers))]
     # One line per layer when it fits; else each range as min over max (two lines, narrow).
@@ -81,9 +81,8 @@ def audit_text(report: Any, width: int = 80) -> list[Any]:
     if len(hyper) == 1:
         eps, momentum, assumed = hyper.pop()
         m = "none (cumulative average)" if momentum is None else f"{momentum:g}"
-        note = (" (assumed: PyTorch's defaults; a state_dict does not store them; "
-                "set --eps/--momentum)") if assumed else ""
-        parts.append(Text(f"eps {eps:g}  momentum {m}{note}", style="dim"))
+        note = " (assumed: PyTorch's defaults, not in a state_dict)" if assumed else ""
+        parts.append(Text(f"eps {eps:g}, momentum {m}{note}", style="dim"))
     parts.append(_table(report, width))
     # The same finding in several layers (e.g. unconverged after N steps) is printed once.
     groups: dict[tuple[str, str, str, str], list[str]] = {}

@@ -47,13 +47,13 @@ def inspect(
 ) -> None:
     """Audit every BatchNorm layer of CKPT: running stats, weights, counters.
 
-    One row per layer (C, num_batches_tracked, ranges of running_mean, running_var,
-    weight and bias), then each finding with the channels it concerns and a fix.
-    Codes (stable): errors shape_mismatch, non_finite_stats, negative_var,
-    var_below_eps, never_updated; warnings dead_channel, unconverged (and
-    never_updated when only num_batches_tracked is 0). Exit 0 when no file has an
-    error finding (--fail-on warning: no finding at all), 1 otherwise. Files load
-    without pickle.
+    One row per layer: C, num_batches_tracked, running_mean/var, weight, bias.
+    Then each finding: its code, the channels it concerns, and the fix.
+
+    Errors: shape_mismatch, non_finite_stats, negative_var, var_below_eps,
+    never_updated. Warnings: dead_channel, unconverged (never_updated too when
+    only num_batches_tracked is 0). Exit 1 on an error (with --fail-on warning,
+    on any finding), else 0. Files load without pickle.
 
     Examples:
 
