@@ -15,11 +15,17 @@ state_dict does):
 - :func:`audit_state_dict` finds the layers of a flat state_dict
   (:func:`bncli.layers.bn_layers`) and audits each with one ``eps``/``momentum``.
 
+Codes (:data:`CODES`, stable): errors ``shape_mismatch``, ``non_finite_stats``,
+``negative_var``, ``var_below_eps``, ``never_updated`` (mean 0 / var 1 everywhere); warnings
+``dead_channel``, ``unconverged``, and ``never_updated`` when only the counter is 0. Each
+finding is a :class:`ChannelFinding` naming its channels.
+
 :mod:`bncli.layers` finds layers and resolves ``--prefix``; :mod:`bncli.checkpoint`
 audits files.
 
 A state_dict does not store ``eps`` or ``momentum``; callers that do not know them pass
-PyTorch's defaults (:data:`DEFAULT_EPS`, :data:`DEFAULT_MOMENTUM`) with ``assumed=True``.
+PyTorch's defaults (:data:`DEFAULT_EPS`, :data:`DEFAULT_MOMENTUM`) and name them in
+``assumed=("eps", "momentum")``.
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ class LayerAudit:
         buffers: :class:`BufferSummary` per vector present (weight, bias, running_mean, running_var).
         eps: The eps the findings assume.
         momentum: The momentum they assume (None: cumulative average).
-        assumed: True when eps/momentum are defaults, not known values of this layer.
+        assumed: Which of ``eps``/``momentum`` are defaults, not known values of this layer.
         findings: Errors first, then warnings, each in :data:`CODES` order.
     """
 
@@ -98,7 +104,7 @@ class LayerAudit:
     buffers: dict[str, BufferSummary]
     eps: float
     momentum: float | None
-    assumed: bool = False
+    assumed: tuple[str, ...] = ()
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -118,7 +124,7 @@ class LayerAudit:
         return {"prefix": self.prefix, "name": self.name, "channels": self.channels,
                 "num_batches_tracked": self.num_batches_tracked,
                 **{k: s.to_dict() if (s := self.buffers.get(k)) else None for k in VECTOR_KEYS},
-                "eps": self.eps, "momentum": self.momentum, "assumed": self.assumed,
+                "eps": self.eps, "momentum": self.momentum, "assumed": list(self.assumed),
                 "findings": [finding_dict(f) for f in self.findings]}
 
 
@@ -211,7 +217,7 @@ def _dead(w: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def _var_findings(v: np.ndarray, eps: float, c: int | None, dead: np.ndarray,
-                  assumed: bool) -> list[ChannelFinding]:
+                  eps_assumed: bool) -> list[ChannelFinding]:
     out = []
     finite = np.isfinite(v)
     neg = np.flatnonzero(finite & (v < 0))
@@ -227,7 +233,7 @@ def _var_findings(v: np.ndarray, eps: float, c: int | None, dead: np.ndarray,
     if low.size:
         smallest = float(v[low].min())
         gain = 1.0 / math.sqrt(smallest + eps)
-        note = ", PyTorch's default, assumed" if assumed else ""
+        note = ", PyTorch's default, assumed" if eps_assumed else ""
         out.append(ChannelFinding(
             "var_below_eps", "error",
             f"running_var <= eps ({eps:g}{note}) in {_which(low, c)}, smallest {smallest:.3g}: eval "
@@ -287,7 +293,7 @@ def _count_findings(m: np.ndarray | None, v: np.ndarray | None, nbt: int | None,
 
 
 def audit_layer(tensors: Mapping[str, Any], *, prefix: str = "", eps: float = DEFAULT_EPS,
-                momentum: float | None = DEFAULT_MOMENTUM, assumed: bool = False) -> LayerAudit:
+                momentum: float | None = DEFAULT_MOMENTUM, assumed: tuple[str, ...] = ()) -> LayerAudit:
     """Audit one BatchNorm layer's saved tensors.
 
     Args:
@@ -297,7 +303,8 @@ def audit_layer(tensors: Mapping[str, Any], *, prefix: str = "", eps: float = DE
         prefix: The layer's key prefix, for the report.
         eps: The layer's eps; ``var_below_eps`` compares running_var with it.
         momentum: The layer's momentum (None: cumulative average); ``unconverged`` uses it.
-        assumed: Whether eps/momentum are defaults rather than this layer's known values.
+        assumed: Which of ``"eps"``/``"momentum"`` are defaults rather than this layer's
+            known values (a state_dict stores neither), for the report.
 
     Returns:
         The :class:`LayerAudit`; a healthy layer has no findings.
@@ -324,7 +331,7 @@ def audit_layer(tensors: Mapping[str, Any], *, prefix: str = "", eps: float = DE
     w, v, m = vectors.get("weight"), vectors.get("running_var"), vectors.get("running_mean")
     dead, median = _dead(w) if w is not None and w.size else (np.array([], dtype=np.int64), 0.0)
     if v is not None:
-        findings.extend(_var_findings(v, eps, c, dead, assumed))
+        findings.extend(_var_findings(v, eps, c, dead, "eps" in assumed))
     findings.extend(_count_findings(m, v, nbt, momentum, c))
     if dead.size:
         findings.append(ChannelFinding(
@@ -340,7 +347,8 @@ def audit_layer(tensors: Mapping[str, Any], *, prefix: str = "", eps: float = DE
 
 
 def audit_state_dict(state: Mapping[str, Any], *, eps: float = DEFAULT_EPS,
-                     momentum: float | None = DEFAULT_MOMENTUM, assumed: bool = False) -> list[LayerAudit]:
+                     momentum: float | None = DEFAULT_MOMENTUM, assumed: tuple[str, ...] = ()
+                     ) -> list[LayerAudit]:
     """Audit every BatchNorm layer of a flat state_dict (:func:`bn_layers`), in key order."""
     return [audit_layer(layer_tensors(state, p), prefix=p, eps=eps, momentum=momentum, assumed=assumed)
             for p, _ in bn_layers(state)]

@@ -82,7 +82,7 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def audit_file(path: Path, *, eps: float = DEFAULT_EPS, momentum: float | None = DEFAULT_MOMENTUM,
-               assumed: bool = False, prefix: str | None = None) -> CheckpointAudit:
+               assumed: tuple[str, ...] = (), prefix: str | None = None) -> CheckpointAudit:
     """Audit every BatchNorm layer of a checkpoint (or only the one ``prefix`` names).
 
     Never raises for a bad file: an unreadable or unsafe file, or one that holds data

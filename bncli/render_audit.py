@@ -81,7 +81,8 @@ def audit_text(report: Any, width: int = 80) -> list[Any]:
     if len(hyper) == 1:
         eps, momentum, assumed = hyper.pop()
         m = "none (cumulative average)" if momentum is None else f"{momentum:g}"
-        note = " (assumed: PyTorch's defaults, not in a state_dict)" if assumed else ""
+        note = (" (assumed: PyTorch's defaults, not in a state_dict)" if len(assumed) == 2 else
+                f" ({assumed[0]} assumed: PyTorch's default, not in a state_dict)" if assumed else "")
         parts.append(Text(f"eps {eps:g}, momentum {m}{note}", style="dim"))
     parts.append(_table(report, width))
     # The same finding in several layers (e.g. unconverged after N steps) is printed once.

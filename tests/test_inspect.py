@@ -209,15 +209,17 @@ def test_eps_and_momentum_flags_move_the_thresholds(runner: CliRunner, tmp_path:
     sd["1.num_batches_tracked"].fill_(100)
     path = save_form(sd, "plain.pt", tmp_path)
     code, (report,) = inspect_json(runner, path)
-    assert code == 0 and report["layers"][0]["assumed"] is True  # type: ignore[index]
+    assert code == 0 and report["layers"][0]["assumed"] == ["eps", "momentum"]  # type: ignore[index]
     code, (report,) = inspect_json(runner, path, "--eps", "1e-3", "--momentum", "0.01")
     first, second = report["layers"]  # type: ignore[misc]
-    assert code == 1 and first["eps"] == 1e-3 and first["momentum"] == 0.01 and first["assumed"] is False
+    assert code == 1 and first["eps"] == 1e-3 and first["momentum"] == 0.01 and first["assumed"] == []
     assert [f["code"] for f in first["findings"]] == ["unconverged"]  # 0.99^100 = 37%
     # Layer 4: 0.99^60 = 55% of the initial var 1 would still be in it; 5e-4 proves otherwise.
     assert [(f["code"], f["channels"]) for f in second["findings"]] == [("var_below_eps", [2])]
     code, (report,) = inspect_json(runner, path, "--momentum", "none")
-    assert report["layers"][1]["momentum"] is None  # type: ignore[index]
+    assert report["layers"][1]["momentum"] is None and report["layers"][1]["assumed"] == ["eps"]  # type: ignore[index]
+    assert "eps 1e-05, momentum none (cumulative average) (eps assumed: PyTorch's default," in run(
+        runner, "inspect", path, "--momentum", "none").stdout  # type: ignore[attr-defined]
     assert run(runner, "inspect", path, "--eps", "0").exit_code == 2  # type: ignore[attr-defined]
 
 

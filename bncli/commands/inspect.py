@@ -67,7 +67,7 @@ def inspect(
     from bncli.checkpoint import audit_file
 
     m = DEFAULT_MOMENTUM if momentum is None else parse_momentum(momentum)
-    assumed = eps is None or momentum is None
+    assumed = tuple(name for name, given in (("eps", eps), ("momentum", momentum)) if given is None)
     reports = [audit_file(p, eps=DEFAULT_EPS if eps is None else eps, momentum=m, assumed=assumed,
                           prefix=prefix) for p in checkpoints]
     failed = [r for r in reports if r.fails(fail_on.value)]
