@@ -11,7 +11,7 @@ import os
 import typer
 
 from bncli import __version__
-from bncli.commands import bench, check_shape, compare, normalize, stats
+from bncli.commands import bench, check_shape, compare, fold, normalize, recalibrate, stats
 from bncli.commands.common import DEBUG
 
 app = typer.Typer(
@@ -22,6 +22,9 @@ app = typer.Typer(
         "Start with `bncli check-shape FILE`, then `bncli normalize FILE`; "
         "`bncli compare FILE` shows what model.eval() changes; `bncli stats FILES` gives exact "
         "dataset mean/std; `bncli bench` times BatchNorm2d on this machine. "
+        "Whole exported models (.pt2, read without running their code): `bncli compare MODEL.pt2 "
+        "--data X` names the BN layer that breaks eval, `bncli recalibrate` re-estimates running "
+        "stats, `bncli fold` folds BN into convs. "
         "Every command has --json for scripts."
     ),
     epilog="Exit codes: 0 success; 1 an expected failure (message and fix on stderr); "
@@ -56,6 +59,8 @@ app.command("check-shape", no_args_is_help=True)(check_shape.check_shape)
 app.command("compare", no_args_is_help=True)(compare.compare)
 app.command("stats", no_args_is_help=True)(stats.stats)
 app.command("bench")(bench.bench)
+app.command("recalibrate", no_args_is_help=True)(recalibrate.recalibrate)
+app.command("fold", no_args_is_help=True)(fold.fold)
 
 
 def main() -> None:

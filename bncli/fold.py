@@ -195,7 +195,8 @@ class _Folder:
         self.gm.graph.lint()
         self.gm.recompile()
         signature = ExportGraphSignature(self.specs, list(self.ep.graph_signature.output_specs))
-        new = self.ep._update(self.gm, signature, state_dict=self.state)
+        with model.quiet_torch():
+            new = self.ep._update(self.gm, signature, state_dict=self.state)
         new._guards_code = []
         return new
 
@@ -229,7 +230,7 @@ def fold_model(path: Path, output: Path | None, *, data: Sequence[Path] = (), ke
         why = _reason(layer) or folder.fold(layer)
         decisions.append(FoldDecision(layer, why is None, why or f"into {layer.conv}"))
     folded_ep = folder.program()
-    folded = folded_ep.module()
+    folded = model.unlift(folded_ep)
     if data:
         plan = plan_data(data, key, m.input, batch_size, drop_last=True)
         inputs = iter_batches(plan, m.input.dtype)

@@ -18,6 +18,8 @@ No files, no printing: :mod:`bncli.model_ops` builds the commands' results from 
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,20 @@ BN_OPS = frozenset({
 })
 _ALWAYS_TRAINING = {"_batch_norm_with_update", "_batch_norm_with_update_functional"}
 CONV_OPS = frozenset({"conv2d.default", "convolution.default"})
+
+
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Silence the FutureWarning torch 2.13 itself triggers when it deep-copies pytree specs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
+        yield
+
+
+def unlift(ep: Any) -> torch.fx.GraphModule:
+    """``ep.module()``: parameters and buffers as attributes, callable on the user inputs."""
+    with quiet_torch():
+        return ep.module()
 
 
 def op_name(target: Any) -> str | None:

@@ -43,7 +43,7 @@ class Loaded:
 def load_model(path: Path) -> Loaded:
     """Read a ``.pt2`` safely and find its BN layers (see :func:`bncli.io.pt2.load_program`)."""
     ep = pt2.load_program(Path(path))
-    gm = ep.module()
+    gm = model.unlift(ep)
     return Loaded(Path(path), ep, gm, model.bn_layers(gm), model.model_input(ep))
 
 
@@ -162,9 +162,19 @@ class LayerReport:
         return float(self.var_ratio[int(np.argmax(score))])
 
     @property
-    def off(self) -> bool:
+    def reasons(self) -> list[str]:
+        """Why the layer is off, in words (empty when it is not)."""
+        out = []
+        if not self.worst_shift <= MEAN_SHIFT_LIMIT:
+            out.append(f"its inputs' mean sits {self.worst_shift:.3g} running std from running_mean")
         ratio = self.worst_ratio
-        return not (self.worst_shift <= MEAN_SHIFT_LIMIT and 1 / VAR_RATIO_LIMIT <= ratio <= VAR_RATIO_LIMIT)
+        if not 1 / VAR_RATIO_LIMIT <= ratio <= VAR_RATIO_LIMIT:
+            out.append(f"its inputs' variance is {ratio:.3g} x running_var")
+        return out
+
+    @property
+    def off(self) -> bool:
+        return bool(self.reasons)
 
 
 @dataclass

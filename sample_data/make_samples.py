@@ -10,6 +10,9 @@ Each file exercises one command or one pitfall; all are small and deterministic.
 - dataset.npz        "images" (16, 3, 32, 32) float32 and "labels" (16,) int64: needs --key
 - model.pt           state_dict of a small CNN with 4 BatchNorm2d layers, trained a few steps
                      so its running statistics are real (input_bn, stem.bn, layer1.0.bn1, layer1.0.bn2)
+- model.pt2          the same model exported with torch.export (eval mode, dynamic batch axis),
+                     for compare/recalibrate/fold; 20 steps with momentum 0.1 leave its running
+                     stats partly at their initial values (0.9**20 = 12%): stale, as after SWA
 """
 
 from __future__ import annotations
@@ -82,6 +85,14 @@ def main() -> None:
         loss.backward()
         opt.step()
     torch.save(model.state_dict(), HERE / "model.pt")
+    export_model(model.eval(), HERE / "model.pt2")
+
+
+def export_model(model: nn.Module, path: Path) -> None:
+    example = torch.zeros(2, 3, 32, 32)
+    ep = torch.export.export(model, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}})
+    ep._example_inputs = None  # keeps the file small; bncli never reads sample inputs anyway
+    torch.export.save(ep, path)
 
 
 if __name__ == "__main__":
