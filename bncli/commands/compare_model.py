@@ -88,9 +88,8 @@ def plan_line(plan: Any) -> str:
 
 
 def render(r: Any) -> None:
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     from bncli.model_ops import MEAN_SHIFT_LIMIT, VAR_RATIO_LIMIT
     from bncli.render import console, fmt, kv_line
