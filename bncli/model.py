@@ -264,9 +264,12 @@ def check_batch(inp: ModelInput, sample_shape: tuple[int, ...], batch: int, wher
         s == d if isinstance(d, int) else d[0] <= s and (d[1] is None or s <= d[1])
         for s, d in zip(sample_shape, want, strict=True))
     if not ok:
+        static = [d for d in want if isinstance(d, int)]
+        nhwc = len(sample_shape) == 3 and len(static) == 3 and sample_shape == (static[1], static[2], static[0])
         raise ShapeError(f"{where}: samples of shape {sample_shape} do not fit the model's input "
                          f"{inp.name} {inp.describe()} (axis 0 is the batch).",
-                         hint="Pass data shaped like the model's input, e.g. (N, C, H, W) images.")
+                         hint="These look channels-last (N, H, W, C): save x.transpose(0, 3, 1, 2) first."
+                         if nhwc else "Pass data shaped like the model's input, e.g. (N, C, H, W) images.")
     first = inp.shape[0]
     if isinstance(first, int):
         if batch != first:
