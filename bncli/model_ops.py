@@ -133,6 +133,15 @@ def iter_batches(plan: DataPlan, dtype: torch.dtype) -> Iterator[torch.Tensor]:
 
 
 # -- compare --------------------------------------------------------------------------------
+def farthest_from_one(ratio: np.ndarray) -> float:
+    """The per-channel ratio farthest from 1 on a log scale (NaN counts as farthest)."""
+    if not ratio.size:
+        return 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = np.abs(np.log(ratio))
+    return float(ratio[int(np.argmax(np.where(np.isnan(score), np.inf, score)))])
+
+
 @dataclass
 class LayerReport:
     """One BN layer: its inputs' statistics (train-BN pass) against its running statistics."""
@@ -153,13 +162,7 @@ class LayerReport:
 
     @property
     def worst_ratio(self) -> float:
-        """The per-channel variance ratio farthest from 1 (on a log scale)."""
-        if not self.var_ratio.size:
-            return 1.0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            score = np.abs(np.log(self.var_ratio))
-        score = np.where(np.isnan(score), np.inf, score)
-        return float(self.var_ratio[int(np.argmax(score))])
+        return farthest_from_one(self.var_ratio)
 
     @property
     def reasons(self) -> list[str]:

@@ -74,11 +74,12 @@ def _moved(u: Any) -> tuple[float, float]:
     """How far the running stats moved: max |old - new| / sqrt(new var), worst new/old var."""
     import numpy as np
 
+    from bncli.model_ops import farthest_from_one
+
     with np.errstate(divide="ignore", invalid="ignore"):
         shift = np.abs(u.old_mean - u.new_mean) / np.sqrt(u.new_var + u.layer.eps)
         ratio = u.new_var / u.old_var
-        score = np.where(np.isnan(ratio), np.inf, np.abs(np.log(ratio)))
-    return float(shift.max()), float(ratio[int(np.argmax(score))])
+    return float(shift.max()), farthest_from_one(ratio)
 
 
 def _to_json(r: Any) -> dict[str, Any]:
