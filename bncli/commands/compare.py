@@ -53,8 +53,9 @@ def compare(
 
     Eval uses the running statistics as given (--state/--prefix, or a fresh module's
     mean 0 / var 1), not the ones the train pass updates; those are shown separately.
-    Nothing is written. With an exported model (MODEL.pt2) and --data, runs the whole
-    model in both modes and names the BN layer whose running statistics break eval.
+    Nothing is written. With an exported model (MODEL.pt2) and --data, runs
+    the whole model in both modes and names the BN layer whose running
+    statistics break eval.
 
     Examples:
 
@@ -62,7 +63,7 @@ def compare(
 
         bncli compare batch.npy --state model.pt --prefix layer1.0.bn1 --json
 
-        bncli compare model.pt2 --data batch.npy   # a whole exported model, per BN layer
+        bncli compare model.pt2 --data batch.npy   # whole model, per BN layer
     """
     if input.suffix.lower() == ".pt2":
         from bncli.commands.compare_model import compare_model

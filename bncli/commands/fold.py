@@ -32,20 +32,21 @@ def fold(
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fold each eval-mode BatchNorm of MODEL into the conv2d feeding it, and check the result.
+    """Fold each eval-mode BatchNorm of MODEL into the conv2d feeding it.
 
     conv -> BN becomes one conv with scaled weights and a shifted bias
-    (torch.nn.utils.fusion.fuse_conv_bn_weights), the standard deployment step. A BN is
-    folded only where that is exact: eval mode, running statistics, and a conv whose
-    output and weights nothing else uses; the others are kept and the reason shown.
-    The folded model is compared with the original on a random batch (or on --data) and
-    written only if they agree within --tolerance. MODEL is read without running its code.
+    (torch.nn.utils.fusion.fuse_conv_bn_weights), the standard deployment
+    step. A BN is folded only where that is exact: eval mode, running
+    statistics, and a conv whose output and weights nothing else uses; the
+    others are kept and the reason shown. The folded model is compared with
+    the original on a random batch (or on --data) and written only if they
+    agree within --tolerance. MODEL is read without running its code.
 
     Examples:
 
         bncli fold model.pt2 -o model.folded.pt2
 
-        bncli fold model.pt2 -o deploy.pt2 --data val.npy --tolerance 1e-5 --json
+        bncli fold model.pt2 -o deploy.pt2 --data val.npy --tolerance 1e-5
     """
     from bncli import fold as folding
 

@@ -15,7 +15,7 @@ ModelArg = Annotated[Path, typer.Argument(
     show_default=False, metavar="MODEL")]
 DataArgs = Annotated[list[Path], typer.Argument(
     help="Model inputs (.npy .npz .pt .safetensors), samples along axis 0; several files "
-         "are read in a row.", show_default=False, metavar="DATA...")]
+         "are read in a row.", show_default=False, metavar="DATA")]
 DataOpt = Annotated[list[Path] | None, typer.Option(
     "--data", metavar="FILE", show_default=False, rich_help_panel=MODEL_PANEL,
     help="With a .pt2 INPUT: model inputs to run (.npy .npz .pt .safetensors), samples along "

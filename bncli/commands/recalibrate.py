@@ -41,20 +41,24 @@ def recalibrate(
 ) -> None:
     """Set every BatchNorm layer's running statistics of MODEL from DATA, exactly.
 
-    The fix for stale running stats (after SWA, small-batch fine-tuning, domain shift):
-    runs the model over DATA in batches with every BN layer in train mode (batch
-    statistics), as update_bn does, observes each layer's inputs in float64, and writes
-    a copy of MODEL whose running_mean/running_var hold the result (num_batches_tracked
-    = number of batches). MODEL is read without running any of its code; the outputs
-    are written all or nothing, never over an input, and kept unless --force.
+    The fix for stale running stats (after SWA, small-batch fine-tuning,
+    domain shift): runs the model over DATA in batches with every BN layer
+    in train mode (batch statistics), as update_bn does, observes each
+    layer's inputs in float64, and writes a copy of MODEL whose
+    running_mean/running_var hold the result (num_batches_tracked = the
+    number of batches). MODEL is read without running any of its code; the
+    outputs are written all or nothing, never over an input, and kept
+    unless --force.
 
     Examples:
 
         bncli recalibrate model.pt2 batch.npy -o model.recal.pt2
 
-        bncli recalibrate model.pt2 train_*.npy -b 64 --var population --save-state bn.pt
+        bncli recalibrate model.pt2 train_*.npy -b 64 --var population
 
-        bncli compare model.recal.pt2 --data val.npy    # check: every layer ok
+        bncli recalibrate model.pt2 a.npy b.npy --save-state bn.pt --json
+
+        bncli compare model.recal.pt2 --data val.npy   # check: all ok
     """
     from bncli import model_ops
     from bncli.progress import progress_callback
