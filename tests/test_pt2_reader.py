@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from bncli.cli import app
 from bncli.errors import InputError, UnsafeFileError
-from bncli.io import pt2, pt2_schema
+from bncli.io import pt2, pt2_expr
 
 
 @pytest.fixture
@@ -176,13 +176,13 @@ REJECTED = [
 
 @pytest.mark.parametrize("text", ACCEPTED)
 def test_grammar_accepts_what_torch_export_writes(text: str) -> None:
-    assert pt2_schema.check_expression(text, "e") == text
+    assert pt2_expr.check_expression(text, "e") == text
 
 
 @pytest.mark.parametrize("text", REJECTED)
 def test_grammar_rejects_code(text: str) -> None:
-    with pytest.raises(pt2_schema.Refusal):
-        pt2_schema.check_expression(text, "e")
+    with pytest.raises(pt2_expr.Refusal):
+        pt2_expr.check_expression(text, "e")
 
 
 def test_dynamic_expressions_of_a_real_export_load(tmp_path: Path) -> None:

@@ -29,11 +29,12 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from bncli.io.pt2_expr import SYMBOL_NAME, Malformed, Refusal, check_expression, show
+
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 FQN = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*\Z")
 ATEN_TARGET = re.compile(r"torch\.ops\.aten\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)\Z")
 GETITEM = "_operator.getitem"
-SYMBOL_NAME = re.compile(r"(?:s|u|zf|zuf)[0-9]+\Z")
 PAYLOAD_NAME = {"weights": re.compile(r"weight_[0-9]+\Z"), "constants": re.compile(r"tensor_[0-9]+\Z")}
 _MODULE_STACK_ITEM = re.compile(r"[A-Za-z0-9_.]*,[A-Za-z0-9_.]*,[A-Za-z0-9_.]*\Z")
 
@@ -44,32 +45,8 @@ _STRIDED = 7
 _MEMORY_FORMATS = {0, 1, 2, 3, 4}
 _LAYOUTS = {0, 7}
 _VERIFIERS = {"", "ATEN", "TRAINING"}
-MAX_EXPR_CHARS = 4096
-MAX_EXPR_DEPTH = 64
 MAX_STRING = 4096
 MAX_TREESPEC = 1 << 16
-
-# Functions a symbolic shape expression may call: sympy's and torch.utils._sympy's
-# arithmetic, comparisons and logic, all pure.
-EXPR_FUNCTIONS = frozenset({
-    "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Abs",
-    "Equality", "Unequality", "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan",
-    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not",
-    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt",
-    "FloorToInt", "CeilDiv", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv",
-    "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity",
-})
-EXPR_CONSTANTS = frozenset({"true", "false", "oo", "int_oo", "zoo", "nan"})
-SYMBOL_ASSUMPTIONS = frozenset({"positive", "integer", "nonnegative", "negative", "nonpositive",
-                                "real", "finite", "extended_real", "rational", "zero", "nonzero"})
-
-
-class Refusal(Exception):
-    """Something in the file that would run code (or needs pickle) under torch.export.load."""
-
-
-class Malformed(Exception):
-    """The JSON does not have the shape of a torch.export program."""
 
 
 Validator = Callable[[Any, str], Any]
@@ -109,7 +86,7 @@ def _string(v: Any, where: str) -> str:
 def name(v: Any, where: str) -> str:
     """A value name: a Python identifier (torch.fx pastes these into generated source)."""
     if type(v) is not str or not IDENT.match(v) or keyword.iskeyword(v):
-        raise Refusal(f"{where}: name {_show(v)} is not a plain identifier "
+        raise Refusal(f"{where}: name {show(v)} is not a plain identifier "
                       "(torch.fx would paste it into the Python code it runs)")
     return v
 
@@ -117,14 +94,9 @@ def name(v: Any, where: str) -> str:
 def fqn(v: Any, where: str) -> str:
     """A parameter/buffer/module path such as ``layer1.0.bn1.weight``."""
     if type(v) is not str or not FQN.match(v):
-        raise Refusal(f"{where}: path {_show(v)} is not a dotted name like layer1.0.bn1.weight "
+        raise Refusal(f"{where}: path {show(v)} is not a dotted name like layer1.0.bn1.weight "
                       "(torch.fx would paste it into the Python code it runs)")
     return v
-
-
-def _show(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _dict(v: Any, where: str) -> dict[str, Any]:
@@ -180,115 +152,8 @@ def _union(v: Any, where: str, allowed: dict[str, Validator],
     if refused and kind in refused:
         raise Refusal(f"{where}: {refused[kind]}")
     if kind not in allowed:
-        raise Refusal(f"{where}: unsupported kind {_show(kind)}")
+        raise Refusal(f"{where}: unsupported kind {show(kind)}")
     return {kind: allowed[kind](value, f"{where}.{kind}")}
-
-
-# -- symbolic expressions -------------------------------------------------------------------
-_TOKEN = re.compile(r"\s*(?:(?P<num>-?[0-9]+(?:\.[0-9]+)?(?:e-?[0-9]+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
-                    r"|(?P<str>'[^'\\]*')|(?P<op>[(),=-]))")
-
-
-def check_expression(text: Any, where: str) -> str:
-    """Accept a sympy ``srepr`` string built only from the grammar below; return it.
-
-    ``expr := NUMBER | CONST | FUNC '(' [arg {',' arg}] ')' | 'Symbol' '(' SYMNAME {',' KW '=' BOOL} ')'``
-    where FUNC is one of :data:`EXPR_FUNCTIONS`, ``arg := expr | NUMERIC_STRING`` (for
-    ``Float('0.5', precision=53)``: ``KW '=' NUMBER`` is also allowed there), SYMNAME is
-    ``'s0'``-style. Nothing else (no attribute access, no subscripts, no other names).
-    """
-    if type(text) is not str or len(text) > MAX_EXPR_CHARS:
-        raise Refusal(f"{where}: symbolic expression is not a string of at most {MAX_EXPR_CHARS} characters")
-    tokens: list[tuple[str, str]] = []
-    pos = 0
-    stripped = text.rstrip()
-    while pos < len(stripped):
-        m = _TOKEN.match(stripped, pos)
-        if not m:
-            raise Refusal(f"{where}: symbolic expression {_show(text)} is outside the accepted grammar "
-                          f"(at character {pos}); torch.export.load would eval it")
-        kind = m.lastgroup
-        assert kind is not None
-        tokens.append((kind, m.group(kind)))
-        pos = m.end()
-    parser = _ExprParser(tokens, text, where)
-    parser.expr(0)
-    if parser.i != len(tokens):
-        parser.fail()
-    return text
-
-
-class _ExprParser:
-    def __init__(self, tokens: list[tuple[str, str]], text: str, where: str) -> None:
-        self.tokens, self.text, self.where, self.i = tokens, text, where, 0
-
-    def fail(self) -> None:
-        raise Refusal(f"{self.where}: symbolic expression {_show(self.text)} is outside the accepted "
-                      "grammar; torch.export.load would eval it")
-
-    def peek(self) -> tuple[str, str]:
-        return self.tokens[self.i] if self.i < len(self.tokens) else ("end", "")
-
-    def take(self, kind: str, value: str | None = None) -> str:
-        k, v = self.peek()
-        if k != kind or (value is not None and v != value):
-            self.fail()
-        self.i += 1
-        return v
-
-    def expr(self, depth: int) -> None:
-        if depth > MAX_EXPR_DEPTH:
-            self.fail()
-        kind, value = self.peek()
-        if kind == "num":
-            self.i += 1
-            return
-        if kind == "op" and value == "-":  # -oo
-            self.i += 1
-            if self.take("name") not in ("oo", "int_oo"):
-                self.fail()
-            return
-        func = self.take("name")
-        if func in EXPR_CONSTANTS:
-            return
-        if func == "Symbol":
-            self.take("op", "(")
-            sym = self.take("str")[1:-1]
-            if not SYMBOL_NAME.match(sym):
-                self.fail()
-            while self.peek() == ("op", ","):
-                self.i += 1
-                if self.take("name") not in SYMBOL_ASSUMPTIONS:
-                    self.fail()
-                self.take("op", "=")
-                if self.take("name") not in ("True", "False"):
-                    self.fail()
-            self.take("op", ")")
-            return
-        if func not in EXPR_FUNCTIONS:
-            self.fail()
-        self.take("op", "(")
-        if self.peek() == ("op", ")"):
-            self.i += 1
-            return
-        while True:
-            kind, value = self.peek()
-            if kind == "str":  # Float('1.5', precision=53)
-                if func != "Float" or not re.fullmatch(r"'-?[0-9.e+-]+'", value):
-                    self.fail()
-                self.i += 1
-            elif kind == "name" and self.i + 1 < len(self.tokens) and self.tokens[self.i + 1] == ("op", "="):
-                if func != "Float" or value != "precision":
-                    self.fail()
-                self.i += 2
-                self.take("num")
-            else:
-                self.expr(depth + 1)
-            if self.peek() == ("op", ","):
-                self.i += 1
-                continue
-            self.take("op", ")")
-            return
 
 
 # -- schema pieces --------------------------------------------------------------------------
@@ -373,7 +238,7 @@ def target(v: Any, where: str) -> str:
     """A call target: ``torch.ops.aten.<op>.<overload>`` or ``_operator.getitem``, nothing else."""
     if v == GETITEM or (type(v) is str and ATEN_TARGET.match(v)):
         return v
-    raise Refusal(f"{where}: call target {_show(v)} is not an aten operator "
+    raise Refusal(f"{where}: call target {show(v)} is not an aten operator "
                   "(torch.export.load resolves any torch.* or math.* name and calls it)")
 
 
@@ -460,13 +325,13 @@ def treespec(v: Any, where: str) -> str:
     except (ValueError, TypeError):
         raise Malformed(f"{where}: not a pytree spec") from None
     if protocol != 1:
-        raise Malformed(f"{where}: unknown pytree protocol {_show(protocol)}")
+        raise Malformed(f"{where}: unknown pytree protocol {show(protocol)}")
 
     def walk(spec: Any, w: str, depth: int) -> None:
         spec = _fields(spec, w, {"type": _optional(_string), "context": _optional(_string),
                                  "children_spec": _list})
         if depth > 16 or spec["type"] not in _TREE_TYPES:
-            raise Refusal(f"{w}: pytree node type {_show(spec['type'])} is not a tuple, list or dict")
+            raise Refusal(f"{w}: pytree node type {show(spec['type'])} is not a tuple, list or dict")
         if spec["type"] in ("builtins.dict", "collections.OrderedDict"):
             try:
                 keys = json.loads(spec["context"] or "null")
@@ -539,13 +404,13 @@ def _no_namedtuples(v: Any, where: str) -> dict[str, Any]:
 
 def _symbol(v: Any, where: str) -> str:
     if type(v) is not str or not SYMBOL_NAME.match(v):
-        raise Refusal(f"{where}: symbol name {_show(v)} is not like s0/u0")
+        raise Refusal(f"{where}: symbol name {show(v)} is not like s0/u0")
     return v
 
 
 def _verifier(v: Any, where: str) -> str:
     if v not in _VERIFIERS:
-        raise Malformed(f"{where}: unknown verifier {_show(v)}")
+        raise Malformed(f"{where}: unknown verifier {show(v)}")
     return str(v)
 
 
@@ -559,7 +424,7 @@ def payload_config(doc: Any, kind: str) -> dict[str, dict[str, Any]]:
     config = _dict(_dict(doc, where).get("config"), f"{where}.config")
     out = {}
     for key, meta in config.items():
-        w = f"{where}[{_show(key)}]"
+        w = f"{where}[{show(key)}]"
         fqn(key, w)
         m = _dict(meta, w)
         if m.get("use_pickle") is not False:
@@ -567,7 +432,7 @@ def payload_config(doc: Any, kind: str) -> dict[str, dict[str, Any]]:
                           "with torch.load(weights_only=False)")
         path_name = m.get("path_name")
         if type(path_name) is not str or not PAYLOAD_NAME[kind].match(path_name):
-            raise Refusal(f"{w}: payload file {_show(path_name)} is not a raw tensor "
+            raise Refusal(f"{w}: payload file {show(path_name)} is not a raw tensor "
                           "(custom and opaque objects are pickled)")
         out[key] = {"path_name": path_name, "is_param": _bool(m.get("is_param"), f"{w}.is_param"),
                     "tensor_meta": tensor_meta(m.get("tensor_meta"), f"{w}.tensor_meta", static=True)}
