@@ -11,7 +11,7 @@ import os
 import typer
 
 from bncli import __version__
-from bncli.commands import bench, check_shape, compare, inspect, normalize, stats
+from bncli.commands import bench, check_shape, compare, fold, inspect, normalize, recalibrate, stats
 from bncli.commands.common import DEBUG
 
 app = typer.Typer(
@@ -24,6 +24,9 @@ app = typer.Typer(
         "BatchNorm layer of a checkpoint (NaN or tiny running_var, never-updated stats, dead "
         "channels); `bncli stats FILES` gives exact "
         "dataset mean/std; `bncli bench` times BatchNorm2d on this machine. "
+        "Whole exported models (.pt2, read without running their code): `bncli compare MODEL.pt2 "
+        "--data X` names the BN layer that breaks eval, `bncli recalibrate` re-estimates running "
+        "stats, `bncli fold` folds BN into convs. "
         "Every command has --json for scripts."
     ),
     epilog="Exit codes: 0 success; 1 an expected failure (message and fix on stderr); "
@@ -59,6 +62,8 @@ app.command("compare", no_args_is_help=True)(compare.compare)
 app.command("inspect", no_args_is_help=True)(inspect.inspect)
 app.command("stats", no_args_is_help=True)(stats.stats)
 app.command("bench")(bench.bench)
+app.command("recalibrate", no_args_is_help=True)(recalibrate.recalibrate)
+app.command("fold", no_args_is_help=True)(fold.fold)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from bncli.commands.common import (
     print_json,
     state_findings,
 )
+from bncli.commands.model_options import BatchSizeOpt, DataOpt, DropLastOpt
 
 
 @handle_errors
@@ -44,21 +45,35 @@ def compare(
     state: StateOpt = None,
     prefix: PrefixOpt = None,
     device: DeviceOpt = Device.cpu,
+    data: DataOpt = None,
+    batch_size: BatchSizeOpt = None,
+    drop_last: DropLastOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run INPUT through the same layer in train mode and in eval mode, and show the gap.
 
     Eval uses the running statistics as given (--state/--prefix, or a fresh module's
     mean 0 / var 1), not the ones the train pass updates; those are shown separately.
-    Nothing is written.
+    Nothing is written. With an exported model (MODEL.pt2) and --data, runs
+    the whole model in both modes and names the BN layer whose running
+    statistics break eval.
 
     Examples:
 
         bncli compare batch.npy
 
         bncli compare batch.npy --state model.pt --prefix layer1.0.bn1 --json
+
+        bncli compare model.pt2 --data batch.npy   # whole model, per BN layer
     """
+    if input.suffix.lower() == ".pt2":
+        from bncli.commands.compare_model import compare_model
+
+        return compare_model(input, data, key=key, batch_size=batch_size, drop_last=drop_last, as_json=as_json)
     from bncli import core
+    from bncli.commands.compare_model import refuse_model_options
+
+    refuse_model_options(input, data)
 
     opts = core.EngineOptions(
         eps=eps, momentum=parse_momentum(momentum), affine=affine,

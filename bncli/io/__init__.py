@@ -28,12 +28,23 @@ from bncli.io.formats import (
     suffix_of,
 )
 from bncli.io.stream import NpyWriter, RawTensor, available_memory, iter_chunks, raw_tensor, read_rows
-from bncli.io.write import atomic_output, check_output, default_output, save_state_dict, save_tensor, write_atomic
+from bncli.io.write import (
+    PendingWrite,
+    atomic_output,
+    check_output,
+    default_output,
+    save_state_dict,
+    save_tensor,
+    state_dict_writer,
+    write_atomic,
+    write_atomic_all,
+)
 
 __all__ = [
     "CONTAINER_KEYS", "OUTPUT_SUFFIXES", "STATE_OUTPUT_SUFFIXES", "STATE_SUFFIXES", "TENSOR_SUFFIXES",
-    "TORCH_SUFFIXES", "NpyWriter", "RawTensor", "TensorInfo", "atomic_output",
+    "TORCH_SUFFIXES", "NpyWriter", "PendingWrite", "RawTensor", "TensorInfo", "atomic_output",
     "available_memory", "check_output", "default_output", "iter_chunks", "layer_name", "load_numpy",
     "load_state_dict", "load_tensor", "parse_vector", "peek", "raw_tensor", "read_rows",
-    "save_state_dict", "save_tensor", "split_container", "suffix_of", "write_atomic",
+    "save_state_dict", "save_tensor", "split_container", "state_dict_writer", "suffix_of", "write_atomic",
+    "write_atomic_all",
 ]

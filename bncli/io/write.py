@@ -10,6 +10,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -63,20 +64,75 @@ def atomic_output(dest: Path, *, force: bool, protect: Iterable[Path] = (),
     dest = Path(dest)
     protect = list(protect)
     check_output(dest, force=force, protect=protect, allowed=allowed)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _temp_beside(dest)
     try:
         yield tmp
-        # mkstemp creates 0600 files; give the output the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
+        _publish([(dest, tmp, allowed)], force=force, protect=protect)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _temp_beside(dest: Path) -> Path:
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    return Path(tmp_name)
+
+
+def _publish(pairs: list[tuple[Path, Path, tuple[str, ...]]], *, force: bool, protect: list[Path]) -> None:
+    """Rename finished temp files over their destinations, after re-checking every one."""
+    # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    for dest, tmp, allowed in pairs:
         tmp.chmod(0o666 & ~umask)
         # Re-check: the output may have appeared while we were working.
         check_output(dest, force=force, protect=protect, allowed=allowed)
+    for dest, tmp, _ in pairs:
         tmp.replace(dest)
+
+
+@dataclass(frozen=True)
+class PendingWrite:
+    """One output of an all-or-nothing write (:func:`write_atomic_all`).
+
+    Attributes:
+        dest: The final path.
+        writer: Writes the content into an open binary file.
+        allowed: Extensions ``dest`` may have.
+        check: Optional check of the finished temp file (e.g. read it back) before any rename.
+    """
+
+    dest: Path
+    writer: Callable[[BinaryIO], None]
+    allowed: tuple[str, ...] = OUTPUT_SUFFIXES
+    check: Callable[[Path], None] | None = None
+
+
+def write_atomic_all(items: Iterable[PendingWrite], *, force: bool, protect: Iterable[Path] = ()) -> None:
+    """Write several outputs, all or nothing: each goes to a temp file beside its destination
+    (written, fsynced, checked), and only when all are done are they renamed into place.
+
+    A failure or Ctrl-C before the renames leaves no output at all.
+    """
+    items = list(items)
+    protect = list(protect)
+    for item in items:
+        check_output(item.dest, force=force, protect=protect, allowed=item.allowed)
+    tmps: list[Path] = []
+    try:
+        for item in items:
+            tmps.append(_temp_beside(item.dest))
+            with tmps[-1].open("wb") as fh:
+                item.writer(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if item.check is not None:
+                item.check(tmps[-1])
+        _publish([(i.dest, t, i.allowed) for i, t in zip(items, tmps, strict=True)], force=force, protect=protect)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -126,14 +182,12 @@ def save_tensor(tensor: torch.Tensor, dest: Path, *, key: str | None = None, for
     write_atomic(dest, writer, force=force, protect=protect)
 
 
-def save_state_dict(state: Mapping[str, torch.Tensor], dest: Path, *, force: bool = False,
-                    protect: Iterable[Path] = ()) -> None:
-    """Write a state_dict as ``.pt`` (torch.save) or ``.safetensors``, atomically."""
+def state_dict_writer(state: Mapping[str, torch.Tensor], suffix: str) -> Callable[[BinaryIO], None]:
+    """A writer of ``state`` as ``.safetensors`` or (any other suffix) ``torch.save``."""
     import torch
 
-    dest = Path(dest)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    if dest.suffix.lower() == ".safetensors":
+    if suffix.lower() == ".safetensors":
         from safetensors.torch import save
 
         def writer(fh: BinaryIO) -> None:
@@ -141,6 +195,12 @@ def save_state_dict(state: Mapping[str, torch.Tensor], dest: Path, *, force: boo
     else:
         def writer(fh: BinaryIO) -> None:
             torch.save(dict(state), fh)
-    write_atomic(dest, writer, force=force, protect=protect, allowed=STATE_OUTPUT_SUFFIXES)
+    return writer
 
 
+def save_state_dict(state: Mapping[str, torch.Tensor], dest: Path, *, force: bool = False,
+                    protect: Iterable[Path] = ()) -> None:
+    """Write a state_dict as ``.pt`` (torch.save) or ``.safetensors``, atomically."""
+    dest = Path(dest)
+    write_atomic(dest, state_dict_writer(state, dest.suffix), force=force, protect=protect,
+                 allowed=STATE_OUTPUT_SUFFIXES)
