@@ -21,12 +21,13 @@ from bncli.io.formats import (
     peek,
     suffix_of,
 )
+from bncli.io.inputs import DEFAULT_GLOB, expand_inputs, natural_key, parse_glob
 from bncli.io.stream import NpyWriter, RawTensor, available_memory, iter_chunks, raw_tensor, read_rows
 from bncli.io.write import atomic_output, check_output, default_output, save_state_dict, save_tensor, write_atomic
 
 __all__ = [
-    "STATE_SUFFIXES", "TENSOR_SUFFIXES", "NpyWriter", "RawTensor", "TensorInfo", "atomic_output",
-    "available_memory", "check_output", "default_output", "iter_chunks", "load_numpy",
-    "load_state_dict", "load_tensor", "parse_vector", "peek", "raw_tensor", "read_rows",
+    "DEFAULT_GLOB", "STATE_SUFFIXES", "TENSOR_SUFFIXES", "NpyWriter", "RawTensor", "TensorInfo", "atomic_output",
+    "available_memory", "check_output", "default_output", "expand_inputs", "iter_chunks", "load_numpy",
+    "load_state_dict", "load_tensor", "natural_key", "parse_glob", "parse_vector", "peek", "raw_tensor", "read_rows",
     "save_state_dict", "save_tensor", "suffix_of", "write_atomic",
 ]
