@@ -314,6 +314,7 @@ def dataset_stats(paths: PathsArg, *, key: str | None = None, layout: str | None
         The statistics, the inputs and notes for the user.
 
     Raises:
+        ValueError: ``layout`` is not one of the above.
         ShapeError: A file is not 4D, the channel counts differ, or there are no values.
         DTypeError: A file holds booleans, complex numbers or strings, or the dtypes
             differ (without ``allow_mixed_dtypes``).
@@ -328,7 +329,7 @@ def dataset_stats(paths: PathsArg, *, key: str | None = None, layout: str | None
     if not (scale > 0 and np.isfinite(scale)):
         raise StateError(f"scale must be a positive number, got {scale}.", hint="E.g. --scale 255.")
     if layout not in (None, "nchw", "nhwc"):
-        raise StateError(f"layout must be 'nchw' or 'nhwc', got {layout!r}.", hint="E.g. layout='nhwc'.")
+        raise ValueError(f"layout must be 'nchw' or 'nhwc' (or None), got {layout!r}")
     lay = layout or "nchw"
     files = io.expand_inputs(_as_paths(paths), glob=glob)
     if not files:

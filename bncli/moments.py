@@ -238,13 +238,15 @@ def block_moments(block: np.ndarray, layout: str = "nchw", *, extrema: bool = Tr
         return parts[0]
     # All parts at once: the mean first, then each part's spread around it. Same
     # stability as pairwise merges, with a handful of NumPy calls instead of one per part.
-    counts = np.array([p.count for p in parts], dtype=np.float64)[:, None]
-    means = np.stack([p.centered_mean for p in parts])
+    # Parts lie along the last, contiguous axis so that each sum is pairwise (NumPy adds
+    # along other axes one row at a time: 1.5e-13 of M2 lost over 16k small parts).
+    counts = np.array([p.count for p in parts], dtype=np.float64)
+    means = np.stack([p.centered_mean for p in parts], axis=1)  # (C, parts)
     total = int(counts.sum())
     with np.errstate(invalid="ignore", over="ignore"):
-        mean = (counts * means).sum(axis=0) / total
-        dev = means - mean
-        m2 = np.stack([p.m2 for p in parts]).sum(axis=0) + (counts * dev * dev).sum(axis=0)
+        mean = (counts * means).sum(axis=1) / total
+        dev = means - mean[:, None]
+        m2 = np.stack([p.m2 for p in parts], axis=1).sum(axis=1) + (counts * dev * dev).sum(axis=1)
     return Moments(total, shift, mean, m2,
                    np.fmin.reduce(np.stack([p.minimum for p in parts]), axis=0),
                    np.fmax.reduce(np.stack([p.maximum for p in parts]), axis=0),

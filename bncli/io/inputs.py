@@ -43,7 +43,7 @@ def parse_glob(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     return patterns
 
 
-def natural_key(path: str | os.PathLike[str]) -> tuple[tuple[int, str, int], ...]:
+def natural_key(path: str | os.PathLike[str]) -> tuple[tuple[tuple[int, str, int], ...], str]:
     """Sort key in which digit runs compare as numbers: ``shard_2`` < ``shard_10``.
 
     Case-insensitive; ties (``a01`` against ``a1``, ``A`` against ``a``) fall back to the
@@ -53,7 +53,7 @@ def natural_key(path: str | os.PathLike[str]) -> tuple[tuple[int, str, int], ...
     parts = _DIGITS.split(text.lower())
     # re.split with a group alternates text, digits, text ...: even positions are text.
     key = tuple((0, part, 0) if i % 2 == 0 else (1, "", int(part)) for i, part in enumerate(parts))
-    return (*key, (2, text, 0))
+    return key, text
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
