@@ -36,10 +36,12 @@ def check_shape(
 ) -> None:
     """Validate inputs without normalizing: rank, layout, channels, dtype, batch size, values.
 
-    Exit 0 when every input is a valid BatchNorm2d input (warnings allowed), 1 otherwise.
-    Each finding has a stable code (not_4d, channels_last, channel_mismatch,
-    one_value_per_channel, not_float, non_finite, constant_channel, ill_conditioned, empty,
-    unreadable, unsafe, ambiguous_key), a severity, a message and a fix.
+    Exit 0 when every input is a valid BatchNorm2d input (warnings allowed), 1
+    otherwise. A folder means its files (see --glob), in natural order. Each
+    finding has a stable code (not_4d, channels_last, channel_mismatch,
+    one_value_per_channel, not_float, non_finite, constant_channel,
+    ill_conditioned, empty, unreadable, unsafe, ambiguous_key), a severity, a
+    message and a fix.
 
     Examples:
 

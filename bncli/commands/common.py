@@ -139,7 +139,7 @@ def finite_or_none(value: float) -> float | None:
 LAYER_PANEL = "BatchNorm2d layer (same names as the module's arguments)"
 # Annotated aliases so normalize and compare spell each flag (and its help) once.
 InputArg = Annotated[Path, typer.Argument(help="Tensor file: .npy, .pt/.pth, .npz or .safetensors.",
-                                          show_default=False, metavar="INPUT")]
+                                          show_default=False)]
 KeyOpt = Annotated[str | None, typer.Option(
     "--key", "-k", help="Which tensor of a .pt/.npz/.safetensors that holds several (listed if ambiguous).")]
 ModeOpt = Annotated[Mode, typer.Option(
@@ -197,7 +197,7 @@ def parse_glob_option(value: str | None) -> str | None:
 
 InputsArg = Annotated[list[Path], typer.Argument(
     help="Tensor files (.npy .npz .pt/.pth .safetensors) or folders of them.",
-    show_default=False, metavar="INPUTS...")]
+    show_default=False, metavar="INPUT")]
 GlobOpt = Annotated[str | None, typer.Option(
     "--glob", metavar="PATTERNS", callback=parse_glob_option,
     help="Files to take from a folder input: comma-separated patterns, e.g. 'train_*.npy' "

@@ -68,19 +68,21 @@ def stats(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --save-state file.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Exact per-channel count, mean, variance, std, min and max of files and folders.
+    """Exact per-channel count, mean, variance, std, min and max of a dataset.
 
-    Every value of every input counts once (shards of any size, any mix of formats),
-    with float64 accumulation and a numerically stable merge: the result equals the
-    exact statistics of all the data to ~1e-15, whatever the chunking, with peak memory
-    bounded by --chunk-size. A folder means its files (see --glob), in natural order.
+    Every value of every input counts once (shards of any size, any mix of
+    formats), with float64 accumulation and a numerically stable merge: the
+    result equals the exact statistics of all the data to ~1e-15, whatever the
+    chunking, with peak memory bounded by --chunk-size. A folder means its
+    files (see --glob), in natural order.
+
     Each input's header is checked first, as check-shape does: inputs that look
     channels-last get a note unless --layout is given; mixed dtypes are refused.
-    std is the biased one BatchNorm2d normalizes with; var (n-1) is what it stores in
-    running_var. Prints a ready-to-paste transforms.Normalize line.
+    std is the biased one BatchNorm2d normalizes with; var (n-1) is what it
+    stores in running_var. Prints a ready-to-paste transforms.Normalize line.
 
-    Under torchrun the ranks share the files and rank 0 prints the result, the same as
-    one process's: torchrun --nproc-per-node 4 -m bncli stats shards/
+    Under torchrun the ranks share the files and rank 0 prints the result, the
+    same as one process's: torchrun --nproc-per-node 4 -m bncli stats shards/
 
     Examples:
 
@@ -88,7 +90,9 @@ def stats(
 
         bncli stats shards/ --layout nhwc --scale 255
 
-        bncli stats shards/ --glob '*.safetensors' --key images --save-state bn.pt --json
+        bncli stats shards/ --glob '*.safetensors' --key images --json
+
+        bncli stats shards/ --layout nhwc --scale 255 --save-state bn.pt
     """
     from bncli import datastats, distributed, io
     from bncli.outofcore import DEFAULT_CHUNK_BYTES
