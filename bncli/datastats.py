@@ -372,7 +372,7 @@ def stats_notes(r: StatsResult) -> list[str]:
     nhwc = [s for s in r.inputs if any(f.code == "channels_last" for f in s.findings)]
     if nhwc:
         notes.append(f"{len(nhwc)} of {len(r.inputs)} inputs look channels-last (N, H, W, C): "
-                     f"{_examples(nhwc)}. Read as NCHW (the default), they have {r.moments.channels} "
+                     f"{_examples(nhwc, limit=1)}. Read as NCHW (the default), they have {r.moments.channels} "
                      "channels. If they are images, pass --layout nhwc; --layout nchw confirms the "
                      "layout and drops this note.")
     bad = r.moments.non_finite

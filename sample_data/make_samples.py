@@ -10,6 +10,8 @@ Each file exercises one command or one pitfall; all are small and deterministic.
 - dataset.npz        "images" (16, 3, 32, 32) float32 and "labels" (16,) int64: needs --key
 - model.pt           state_dict of a small CNN with 4 BatchNorm2d layers, trained a few steps
                      so its running statistics are real (input_bn, stem.bn, layer1.0.bn1, layer1.0.bn2)
+- shards/            shard_0.npy .. shard_11.npy, (4, 32, 32, 3) uint8 each: a data set stored
+                     as NHWC pixel shards (needs --layout nhwc --scale 255; natural order)
 """
 
 from __future__ import annotations
@@ -82,6 +84,13 @@ def main() -> None:
         loss.backward()
         opt.step()
     torch.save(model.state_dict(), HERE / "model.pt")
+
+    # Own generator: adding files must not change the ones above.
+    shard_rng = np.random.default_rng(10)
+    (HERE / "shards").mkdir(exist_ok=True)
+    for i in range(12):
+        pixels = np.clip(np.rint(make_batch(shard_rng, 4) * 255), 0, 255).astype(np.uint8)
+        np.save(HERE / "shards" / f"shard_{i}.npy", np.ascontiguousarray(pixels.transpose(0, 2, 3, 1)))
 
 
 if __name__ == "__main__":

@@ -116,3 +116,19 @@ def test_the_cli_calls_the_api(runner: CliRunner, tmp_path: Path, monkeypatch: p
     assert runner.invoke(app, ["check-shape", str(tmp_path / "a.npy"), str(tmp_path / "a.npy")]).exit_code == 0
     assert runner.invoke(app, ["stats", str(tmp_path)]).exit_code == 0
     assert calls == ["check_shape", "dataset_stats"]  # the duplicate input is checked once
+
+
+def test_readme_api_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python API session, run as a doctest from the repo root (it only reads)."""
+    import doctest
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Python API"):]
+    block = re.search(r"```pycon\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    monkeypatch.chdir(root)
+    test = doctest.DocTestParser().get_doctest(block.group(1), {}, "README", "README.md", 0)
+    results = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE).run(test)
+    assert results.attempted >= 10 and results.failed == 0
