@@ -331,11 +331,12 @@ def dataset_stats(paths: PathsArg, *, key: str | None = None, layout: str | None
     if layout not in (None, "nchw", "nhwc"):
         raise ValueError(f"layout must be 'nchw' or 'nhwc' (or None), got {layout!r}")
     lay = layout or "nchw"
-    files = io.expand_inputs(_as_paths(paths), glob=glob)
+    # Rank 0's view of the file list and sizes decides the split, so every rank cuts the
+    # same list the same way (and a folder error is reported once, collectively).
+    listing = world.gather(lambda: [(str(p), _disk_bytes(p)) for p in io.expand_inputs(_as_paths(paths), glob=glob)])
+    files, weights = [Path(p) for p, _ in listing[0]], [w for _, w in listing[0]]
     if not files:
         raise InputError("No input files.", hint="Pass one or more tensor files or folders.")
-    # Rank 0's view of the sizes decides the split, so every rank cuts the list the same way.
-    weights = world.gather(lambda: [_disk_bytes(p) for p in files])[0]
     blocks = split_contiguous(weights, world.size)
     mine = blocks[world.rank]
     # Every header before any data: a bad shard at the end fails in a second.
