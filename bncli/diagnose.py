@@ -7,9 +7,10 @@ a file has an *error* finding if and only if ``normalize`` would refuse it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -264,14 +265,50 @@ def check_file(path: Path, *, key: str | None = None, num_features: int | None =
                                     "Check the path and its permissions."))
         return report
     report.shape, report.dtype, report.key = list(info.shape), info.dtype, info.key
-    report.findings.extend(check_shape(info.shape, info.dtype, num_features=num_features,
-                                       mode=mode, layout=layout))
-    if scan_values and info.dtype in FLOAT_NAMES and 0 not in info.shape:
+    return _complete(report, lambda: io.iter_chunks(Path(path), key), num_features=num_features,
+                     mode=mode, layout=layout, scan_values=scan_values)
+
+
+def _complete(report: Report, chunks: Callable[[], Iterable[np.ndarray]], *, num_features: int | None,
+              mode: str, layout: str, scan_values: bool) -> Report:
+    """Header findings for ``report.shape``/``dtype``, then (valid float data) the value scan."""
+    assert report.shape is not None and report.dtype is not None
+    shape, dtype = tuple(report.shape), report.dtype
+    report.findings.extend(check_shape(shape, dtype, num_features=num_features, mode=mode, layout=layout))
+    if scan_values and dtype in FLOAT_NAMES and 0 not in shape:
         try:
-            valid_4d = len(info.shape) == 4 and report.valid
-            report.findings.extend(value_findings(io.iter_chunks(Path(path), key), dtype=info.dtype,
-                                                  layout=layout if valid_4d else None))
+            valid_4d = len(shape) == 4 and report.valid
+            report.findings.extend(value_findings(chunks(), dtype=dtype, layout=layout if valid_4d else None))
         except BncliError as exc:
             report.findings.append(_err("unreadable", exc.message, exc.hint or ""))
     report.findings.sort(key=lambda f: f.severity != "error")
     return report
+
+
+def check_array(array: Any, *, name: str = "<array>", num_features: int | None = None,
+                mode: str = "train", layout: str = "nchw", scan_values: bool = True) -> Report:
+    """Diagnose an in-memory NumPy array (or torch tensor) exactly as :func:`check_file` a file.
+
+    torch is not imported: a tensor is recognised by its type's module and read through
+    ``.detach().cpu()`` (bfloat16 values widened to float32 for the scan, exactly).
+
+    Args:
+        array: The data.
+        name: What to call it in the report's ``path``.
+        num_features, mode, layout, scan_values: As for :func:`check_file`.
+    """
+    if type(array).__module__.split(".")[0] == "torch":
+        tensor = array.detach().cpu()
+        dtype, shape = str(tensor.dtype).removeprefix("torch."), list(tensor.shape)
+    else:
+        tensor = np.asarray(array)
+        dtype, shape = str(tensor.dtype), list(tensor.shape)
+
+    def values() -> list[np.ndarray]:
+        if isinstance(tensor, np.ndarray):
+            return [tensor]
+        return [(tensor.float() if dtype == "bfloat16" else tensor).numpy()]
+
+    report = Report(path=name, shape=[int(s) for s in shape], dtype=dtype)
+    return _complete(report, values, num_features=num_features, mode=mode, layout=layout,
+                     scan_values=scan_values)

@@ -18,6 +18,8 @@ Each file exercises one command or one pitfall; all are small and deterministic.
 - model.pt2          the same model exported with torch.export (eval mode, dynamic batch axis),
                      for compare/recalibrate/fold; 20 steps with momentum 0.1 leave its running
                      stats partly at their initial values (0.9**20 = 12%): stale, as after SWA
+- shards/            shard_0.npy .. shard_11.npy, (4, 32, 32, 3) uint8 each: a data set stored
+                     as NHWC pixel shards (needs --layout nhwc --scale 255; natural order)
 """
 
 from __future__ import annotations
@@ -127,6 +129,13 @@ def main() -> None:
     torch.save(model.state_dict(), HERE / "model.pt")
     make_broken_checkpoint(HERE / "broken.ckpt")
     export_model(model.eval(), HERE / "model.pt2")
+
+    # Own generator: adding files must not change the ones above.
+    shard_rng = np.random.default_rng(10)
+    (HERE / "shards").mkdir(exist_ok=True)
+    for i in range(12):
+        pixels = np.clip(np.rint(make_batch(shard_rng, 4) * 255), 0, 255).astype(np.uint8)
+        np.save(HERE / "shards" / f"shard_{i}.npy", np.ascontiguousarray(pixels.transpose(0, 2, 3, 1)))
 
 
 def export_model(model: nn.Module, path: Path) -> None:

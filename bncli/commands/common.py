@@ -5,12 +5,13 @@ No torch here; commands import the core lazily inside their bodies.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -194,3 +195,44 @@ PrefixOpt = Annotated[str | None, typer.Option(
     rich_help_panel=LAYER_PANEL)]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run; auto picks cuda/mps when available.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
+
+
+# -- many inputs (files, folders) and torchrun ---------------------------------------------
+def parse_glob_option(value: str | None) -> str | None:
+    """``--glob '*.npy,*.pt'``: at least one pattern (bad values exit 2)."""
+    if value is None:
+        return None
+    from bncli.io.inputs import parse_glob
+
+    try:
+        parse_glob(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+InputsArg = Annotated[list[Path], typer.Argument(
+    help="Tensor files (.npy .npz .pt/.pth .safetensors) or folders of them.",
+    show_default=False, metavar="INPUT")]
+GlobOpt = Annotated[str | None, typer.Option(
+    "--glob", metavar="PATTERNS", callback=parse_glob_option,
+    help="Files to take from a folder input: comma-separated patterns, e.g. 'train_*.npy' "
+         "(default: every format bncli reads). Sub-folders are not searched; files named "
+         "directly are always taken.")]
+
+
+@contextlib.contextmanager
+def primary_rank_reports() -> Iterator[None]:
+    """Under torchrun every rank raises the same error; only rank 0 prints it.
+
+    The other ranks exit 1 without a message, so the user sees one ``Error:`` line,
+    not one per process. Outside torchrun this does nothing.
+    """
+    try:
+        yield
+    except BncliError:
+        from bncli.distributed import env_rank
+
+        if env_rank() != 0:
+            raise typer.Exit(1) from None
+        raise
