@@ -158,7 +158,7 @@ def test_weight_bias_lists(runner: CliRunner, batch: Path, tmp_path: Path) -> No
 @pytest.mark.parametrize("args, message", [
     (["--momentum", "fast"], "not a number"),
     (["--momentum", "1.5"], "outside [0, 1]"),
-    (["--eps", "0"], "eps must be > 0"),
+    (["--eps", "0"], "eps must be a finite number > 0"),
     (["--mode", "inference"], "inference"),
 ])
 def test_bad_option_values_exit_2(runner: CliRunner, batch: Path, args: list[str], message: str) -> None:

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from bncli.commands.common import JsonOpt, KeyOpt, Layout, LayoutOpt, Mode, ModeOpt, handle_errors, print_json
+from bncli.commands.common import handle_errors, print_json
+from bncli.commands.options import JsonOpt, KeyOpt, Layout, LayoutOpt, Mode, ModeOpt
 
 
 @handle_errors

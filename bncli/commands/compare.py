@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bncli.commands.common import (
+from bncli.commands.common import finite_or_none, handle_errors, print_json
+from bncli.commands.options import (
     AffineOpt,
     BiasOpt,
     Device,
@@ -21,10 +22,7 @@ from bncli.commands.common import (
     StateOpt,
     TrackOpt,
     WeightOpt,
-    finite_or_none,
-    handle_errors,
     parse_momentum,
-    print_json,
 )
 
 

@@ -7,57 +7,26 @@ from typing import Annotated, Any
 
 import typer
 
-from bncli.commands.common import (
-    JsonOpt,
-    KeyOpt,
-    Layout,
-    finite_or_none,
-    handle_errors,
-    print_json,
-)
-
-
-def parse_chunk_size(value: str | None) -> int | None:
-    """``--chunk-size 8M`` -> bytes (typer parser; bad values exit 2)."""
-    if value is None:
-        return None
-    from bncli.outofcore import parse_size
-
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
-def _positive(value: float, name: str) -> float:
-    if not (value > 0 and value != float("inf")):
-        raise typer.BadParameter(f"{name} must be a positive number, got {value}.")
-    return value
-
-
-# The parser turns the text given ("8M") into the int of bytes the command receives.
-ChunkSizeOpt = Annotated[int | None, typer.Option(
-    "--chunk-size", metavar="SIZE", parser=parse_chunk_size,
-    help="Bytes read per chunk, e.g. 4M, 64MiB, 1G (default 8M). Peak memory is a few chunks.")]
+from bncli.commands.common import finite_or_none, handle_errors, print_json
+from bncli.commands.options import ChunkSizeOpt, ForceOpt, InputsArg, JsonOpt, KeyOpt, Layout, parse_scale
 
 
 @handle_errors
 def stats(
-    inputs: Annotated[list[Path], typer.Argument(
-        help="Tensor files (shards) with the same channel count: .npy, .pt/.pth, .npz, .safetensors.",
-        show_default=False)],
+    inputs: InputsArg,
     key: KeyOpt = None,
     layout: Annotated[Layout, typer.Option(
-        "--layout", help="nchw: (N, C, H, W); nhwc: channels-last (N, H, W, C) arrays.")] = Layout.nchw,
+        "--layout", case_sensitive=False,
+        help="nchw: (N, C, H, W); nhwc: channels-last (N, H, W, C) arrays.")] = Layout.nchw,
     chunk_size: ChunkSizeOpt = None,
     scale: Annotated[float, typer.Option(
-        "--scale", callback=lambda v: _positive(v, "--scale"),
+        "--scale", callback=parse_scale,
         help="Divide every value by this first, e.g. 255 for uint8 images fed through ToTensor().")] = 1.0,
     save_state: Annotated[Path | None, typer.Option(
-        "--save-state", metavar="FILE",
+        "--save-state", metavar="FILE", readable=False,
         help="Write a BatchNorm2d state_dict (.pt/.safetensors) whose running_mean/running_var are "
              "these statistics, for `normalize --mode eval --state FILE`.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --save-state file.")] = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Exact per-channel count, mean, variance, std, min and max of one or many files.
@@ -123,19 +92,11 @@ def _to_json(r: Any, save_state: Path | None) -> dict[str, Any]:
     }
 
 
-def _size(nbytes: int) -> str:
-    """1.50 GiB, 16.00 MiB, 300 B."""
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= factor:
-            return f"{nbytes / factor:.2f} {unit}"
-    return f"{nbytes} B"
-
-
 def _render(r: Any, save_state: Path | None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from bncli.render import console, fmt, kv_line, rows_to_show
+    from bncli.render import console, fmt, kv_line, rows_to_show, size_text
 
     out, err = console(), console(stderr=True)
     m = r.moments
@@ -145,8 +106,8 @@ def _render(r: Any, save_state: Path | None) -> None:
             out.print(f"  ... {len(r.inputs) - 7} more")
             continue
         out.print(kv_line([("input", str(s.path) + (f" [{s.key}]" if s.key else "")),
-                           ("shape", str(s.shape)), ("dtype", s.dtype), ("size", _size(s.nbytes))]))
-    out.print(kv_line([("files", str(len(r.inputs))), ("total", _size(r.total_bytes)),
+                           ("shape", str(s.shape)), ("dtype", s.dtype), ("size", size_text(s.nbytes))]))
+    out.print(kv_line([("files", str(len(r.inputs))), ("total", size_text(r.total_bytes)),
                        ("layout", r.layout), ("values per channel", f"{m.count:,}")]
                       + ([("scale", f"divided by {r.scale:g}")] if r.scale != 1.0 else [])))
     cols = [("mean", m.mean), ("std", m.std), ("var", m.var), ("var (n-1)", m.var_unbiased),

@@ -22,11 +22,21 @@ from bncli.io.formats import (
     suffix_of,
 )
 from bncli.io.stream import NpyWriter, RawTensor, available_memory, iter_chunks, raw_tensor, read_rows
-from bncli.io.write import atomic_output, check_output, default_output, save_state_dict, save_tensor, write_atomic
+from bncli.io.write import (
+    AtomicGroup,
+    atomic_output,
+    check_output,
+    default_output,
+    save_state_dict,
+    save_tensor,
+    state_writer,
+    tensor_writer,
+    write_atomic,
+)
 
 __all__ = [
-    "STATE_SUFFIXES", "TENSOR_SUFFIXES", "NpyWriter", "RawTensor", "TensorInfo", "atomic_output",
+    "STATE_SUFFIXES", "TENSOR_SUFFIXES", "AtomicGroup", "NpyWriter", "RawTensor", "TensorInfo", "atomic_output",
     "available_memory", "check_output", "default_output", "iter_chunks", "load_numpy",
     "load_state_dict", "load_tensor", "parse_vector", "peek", "raw_tensor", "read_rows",
-    "save_state_dict", "save_tensor", "suffix_of", "write_atomic",
+    "save_state_dict", "save_tensor", "state_writer", "suffix_of", "tensor_writer", "write_atomic",
 ]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from bncli.errors import InputError, KeyChoiceError, UnsafeFileError
+from bncli.io.oserrors import input_error
 
 if TYPE_CHECKING:
     import torch
@@ -67,10 +68,20 @@ def suffix_of(path: Path, allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> str:
 
 
 def _require_file(path: Path) -> None:
-    if not path.exists():
-        raise InputError(f"{path}: no such file.", hint="Check the path (and the current directory).")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a tensor file.", hint="Pass a file inside it.")
+    """An existing, readable file, or the InputError that says which of these it is not.
+
+    Opening it here, once, means a file this user may not read (or in a folder it may not
+    search) is reported as such, whatever loader would have opened it next.
+    """
+    try:
+        if not path.exists():
+            raise InputError(f"{path}: no such file.", hint="Check the path (and the current directory).")
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory, not a tensor file.", hint="Pass a file inside it.")
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise input_error(path, exc) from None
 
 
 def _unsafe(path: Path, why: str) -> UnsafeFileError:
