@@ -57,11 +57,17 @@ def _root(
     DEBUG["on"] = debug or bool(os.environ.get("BNCLI_DEBUG"))
 
 
-app.command("normalize", cls=Command, no_args_is_help=True)(normalize.normalize)
-app.command("check-shape", cls=Command, no_args_is_help=True)(check_shape.check_shape)
-app.command("compare", cls=Command, no_args_is_help=True)(compare.compare)
-app.command("stats", cls=Command, no_args_is_help=True)(stats.stats)
-app.command("bench", cls=Command)(bench.bench)
+# Short help for the command list of `bncli --help`: one line each at 80 columns.
+app.command("normalize", cls=Command, no_args_is_help=True,
+            short_help="Apply nn.BatchNorm2d to a file, write the result.")(normalize.normalize)
+app.command("check-shape", cls=Command, no_args_is_help=True,
+            short_help="Is it a valid BatchNorm2d input? Findings and fixes.")(check_shape.check_shape)
+app.command("compare", cls=Command, no_args_is_help=True,
+            short_help="What model.eval() changes: train vs eval mode.")(compare.compare)
+app.command("stats", cls=Command, no_args_is_help=True,
+            short_help="Exact per-channel mean/std of a dataset on disk.")(stats.stats)
+app.command("bench", cls=Command,
+            short_help="Time BatchNorm2d here: engine, nn.BatchNorm2d, a copy.")(bench.bench)
 
 
 def main() -> None:

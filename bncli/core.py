@@ -17,6 +17,7 @@ from bncli import io
 from bncli.engine import STATE_KEYS, BatchNormConfig, BatchNormEngine, resolve_device, validate_input
 from bncli.errors import DTypeError, OutputError, ShapeError, StateError
 from bncli.moments import Moments
+from bncli.wording import plural
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,9 @@ def build_engine(opts: EngineOptions, *, data_channels: int | None, data_dtype: 
         if spec is not None:
             vec = torch.from_numpy(io.parse_vector(spec, name))
             if vec.numel() != c:
-                raise StateError(f"--{name} has {vec.numel()} values, but the layer has {c} channels.",
-                                 hint=f"Give exactly {c} values, one per channel.")
+                raise StateError(f"--{name} has {plural(vec.numel(), 'value')}, but the layer has "
+                                 f"{plural(c, 'channel')}.",
+                                 hint=f"Give exactly {plural(c, 'value')}, one per channel.")
             engine.set_affine(**{name: vec})
     return engine, source
 
@@ -286,6 +288,7 @@ def normalize_file(path: Path, output: Path, *, key: str | None, mode: str, layo
     ``on_start`` gets the :class:`NormalizePlan` once the input is validated.
     """
     path, output = Path(path), Path(output)
+    io.require_file(path)  # an unreadable input is the error to report, not the output's
     check_destinations(path, output, save_state, force=force)
     if execution != "in-memory":
         from bncli import outofcore

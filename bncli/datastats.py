@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bncli import io
+from bncli.diagnose import not_4d
 from bncli.errors import DTypeError, InputError, ShapeError, StateError
 from bncli.moments import Moments, block_moments
 from bncli.outofcore import DEFAULT_CHUNK_BYTES, ProgressFn, default_workers, ordered_map, shifted
+from bncli.wording import plural, verb
 
 if TYPE_CHECKING:
     import torch
@@ -84,11 +86,9 @@ def _stats_shard(path: Path, key: str | None, layout: str) -> Shard:
     info = io.peek(path, key)
     shape = tuple(info.shape)
     if len(shape) != 4:
-        raise ShapeError(
-            f"{path}: per-channel statistics need a 4D (N, C, H, W) input "
-            f"(or (N, H, W, C) with --layout nhwc), got {len(shape)}D shape {shape}.",
-            hint="Run `bncli check-shape FILE` for what this shape is; "
-                 "save a single (C, H, W) image as x[None].")
+        # The same diagnosis as check-shape and normalize: the rule, then what the shape looks like.
+        finding = not_4d(shape)
+        raise ShapeError(f"{path}: {finding.message}", hint=finding.hint)
     if info.dtype == "bfloat16":
         itemsize = 2
     else:
@@ -143,7 +143,7 @@ def dataset_stats(paths: Sequence[Path], *, key: str | None = None, layout: str 
     for s in shards[1:]:
         if s.shape[axis] != channels:
             raise ShapeError(
-                f"{s.path}: has {s.shape[axis]} channels on its {_axis_name(layout)} (shape {s.shape}), "
+                f"{s.path}: has {plural(s.shape[axis], 'channel')} on its {_axis_name(layout)} (shape {s.shape}), "
                 f"but {shards[0].path} has {channels} (shape {shards[0].shape}).",
                 hint="All inputs must have the same channel count; check the file list and --layout.")
     total = sum(s.nbytes for s in shards)
@@ -180,7 +180,8 @@ def _stats_notes(r: StatsResult) -> list[str]:
     bad = r.moments.non_finite
     if bad.any():
         chans = ", ".join(str(i) for i in np.flatnonzero(bad)[:10])
-        notes.append(f"{int(bad.sum())} values are NaN or Inf (channels {chans}); the mean and "
+        notes.append(f"{plural(int(bad.sum()), 'value')} {verb(int(bad.sum()), 'is', 'are')} NaN or Inf "
+                     f"({plural(int((bad > 0).sum()), 'channel')}: {chans}); the mean and "
                      "variance of those channels are not finite, as BatchNorm2d's would be. "
                      "min and max ignore NaN.")
     ints = [s for s in r.inputs if np.dtype(s.dtype if s.dtype != "bfloat16" else "f4").kind in "iu"]

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from bncli.commands.common import handle_errors, print_json
-from bncli.commands.options import JsonOpt, KeyOpt, Layout, LayoutOpt, Mode, ModeOpt
+from bncli.commands.options import InputsArg, JsonOpt, KeyOpt, Layout, LayoutOpt, Mode, ModeOpt, parse_channels
 
 
 @handle_errors
 def check_shape(
-    inputs: Annotated[list[Path], typer.Argument(help="One or more tensor files.", show_default=False)],
+    inputs: InputsArg,
     key: KeyOpt = None,
     mode: ModeOpt = Mode.train,
     layout: LayoutOpt = Layout.nchw,
     num_features: Annotated[int | None, typer.Option(
-        "--num-features", "-C", min=1, help="Expected channel count (e.g. your layer's num_features).")] = None,
+        "--num-features", "-C", callback=parse_channels,
+        help="Expected channel count (e.g. your layer's num_features).")] = None,
     scan: Annotated[bool, typer.Option(
         "--scan/--no-scan", help="Scan the values: NaN/Inf, constant and ill-conditioned channels "
                             "(--no-scan reads headers only).")] = True,

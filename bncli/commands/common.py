@@ -60,7 +60,8 @@ def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
     from rich.console import Console
     from rich.markup import escape
 
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    # Wrapped to the terminal (COLUMNS, else 80 when stderr is a file), like every other line.
+    err = Console(stderr=True, highlight=False)
     err.print(f"[bold red]Error:[/] {escape(message)}")
     if hint:
         err.print(f"[yellow]Fix:[/] {escape(hint)}")

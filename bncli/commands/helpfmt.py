@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import inspect
 import re
+import shutil
+import sys
+import textwrap
 import types
-from typing import Any
+from typing import Any, NoReturn
 
+import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 # typer's type labels -> the metavars click itself prints.
@@ -93,9 +97,47 @@ class Command(TyperCommand):
         _format_sections(self, ctx, formatter)
 
 
+def show_usage_error(exc: Any) -> NoReturn:
+    """click's usage-error report, its ``Error:`` line wrapped to the terminal, then exit 2.
+
+    click prints that line unwrapped; an option's allowed range makes it longer than 80
+    columns.
+    """
+    width = max(shutil.get_terminal_size().columns, 40)
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        hint = ""
+        if ctx.command.get_help_option(ctx) is not None:
+            hint = f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.\n"
+        typer.echo(f"{ctx.get_usage()}\n{hint}", err=True)
+    typer.echo(textwrap.fill(f"Error: {exc.format_message()}", width=width, break_on_hyphens=False,
+                             break_long_words=False), err=True)
+    sys.exit(exc.exit_code)
+
+
 class Group(TyperGroup):
-    """The top-level group, with the same layout as :class:`Command`."""
+    """The top-level group, with the same layout as :class:`Command`, and wrapped usage errors."""
 
     def format_options(self, ctx: Any, formatter: Any) -> None:
         _format_sections(self, ctx, formatter)
         self.format_commands(ctx, formatter)
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """typer's main, except that a usage error is shown by :func:`show_usage_error`."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.BadParameter as exc:  # a bad option value: its message states the range
+            show_usage_error(exc)
+        except typer.TyperException as exc:  # other usage errors (unknown option, help with no args)
+            show = getattr(exc, "show", None)
+            if show is None:
+                raise
+            show()
+            sys.exit(getattr(exc, "exit_code", 2))
+        except typer.Abort:
+            typer.echo("Aborted.", err=True)
+            sys.exit(1)
+        # Without standalone mode typer returns a command's exit code (or its return value).
+        sys.exit(code if isinstance(code, int) else 0)

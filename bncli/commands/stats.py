@@ -44,14 +44,15 @@ def stats(
 
         bncli stats images_uint8.npy --layout nhwc --scale 255
 
-        bncli stats shards/*.safetensors --key images --save-state dataset_bn.pt --json
+        bncli stats shards/*.safetensors --key images --save-state bn.pt --json
     """
     from bncli import datastats, io
     from bncli.outofcore import DEFAULT_CHUNK_BYTES
     from bncli.progress import progress_callback
 
     if save_state is not None:  # refuse a bad destination before a long pass, not after
-        io.check_output(save_state, force=force, protect=inputs, allowed=io.STATE_SUFFIXES)
+        io.check_output(save_state, force=force, protect=inputs, allowed=io.STATE_SUFFIXES,
+                        option="--save-state")
     with progress_callback(enabled=not as_json) as progress:
         result = datastats.dataset_stats(inputs, key=key, layout=layout.value,
                                          chunk_bytes=chunk_size or DEFAULT_CHUNK_BYTES, scale=scale,
@@ -128,6 +129,10 @@ def _render(r: Any, save_state: Path | None) -> None:
     out.print(table)
     line = r.normalize_line()
     if line:
+        if len(line) > out.width and ", std=" in line:
+            # Still valid Python to paste, broken inside the parentheses instead of mid-number.
+            head, tail = line.split(", std=", 1)
+            line = f"{head},\n{' ' * len('transforms.Normalize(')}std={tail}"
         out.print(line, markup=False, highlight=False, soft_wrap=True)
     if save_state is not None:
         out.print(kv_line([("wrote", str(save_state))]))

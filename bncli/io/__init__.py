@@ -19,6 +19,7 @@ from bncli.io.formats import (
     load_tensor,
     parse_vector,
     peek,
+    require_file,
     suffix_of,
 )
 from bncli.io.stream import NpyWriter, RawTensor, available_memory, iter_chunks, raw_tensor, read_rows
@@ -37,6 +38,6 @@ from bncli.io.write import (
 __all__ = [
     "STATE_SUFFIXES", "TENSOR_SUFFIXES", "AtomicGroup", "NpyWriter", "RawTensor", "TensorInfo", "atomic_output",
     "available_memory", "check_output", "default_output", "iter_chunks", "load_numpy",
-    "load_state_dict", "load_tensor", "parse_vector", "peek", "raw_tensor", "read_rows",
+    "load_state_dict", "load_tensor", "parse_vector", "peek", "raw_tensor", "read_rows", "require_file",
     "save_state_dict", "save_tensor", "state_writer", "suffix_of", "tensor_writer", "write_atomic",
 ]

@@ -67,7 +67,7 @@ def suffix_of(path: Path, allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> str:
     return suffix
 
 
-def _require_file(path: Path) -> None:
+def require_file(path: Path) -> None:
     """An existing, readable file, or the InputError that says which of these it is not.
 
     Opening it here, once, means a file this user may not read (or in a folder it may not
@@ -253,7 +253,7 @@ def peek(path: Path, key: str | None = None) -> TensorInfo:
         InputError, UnsafeFileError, KeyChoiceError: see the messages.
     """
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     suffix = suffix_of(path)
     if suffix == ".npy":
         info = _npy_info(path)
@@ -282,7 +282,7 @@ def load_tensor(path: Path, key: str | None = None) -> tuple[torch.Tensor, str |
     import torch
 
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     suffix = suffix_of(path)
     if suffix == ".pt" or suffix == ".pth":
         tensors = _torch_load(path)
@@ -306,7 +306,7 @@ def load_tensor(path: Path, key: str | None = None) -> tuple[torch.Tensor, str |
 def load_numpy(path: Path, key: str | None = None, *, mmap: bool = False) -> tuple[np.ndarray, str | None]:
     """Load a ``.npy``/``.npz`` array with ``allow_pickle=False`` (``mmap`` for .npy)."""
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     suffix = suffix_of(path, (".npy", ".npz"))
     if suffix == ".npy":
         _npy_info(path)  # refuses pickles and object arrays with a clear reason
@@ -334,7 +334,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     ``model.layer1.0.bn1.weight`` style keys.
     """
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     suffix = suffix_of(path, STATE_SUFFIXES)
     if suffix == ".safetensors":
         from safetensors import SafetensorError

@@ -72,7 +72,7 @@ def input_error(path: Path, exc: OSError) -> InputError:
 def output_error(dest: Path, exc: OSError, *, option: str = "-o") -> OutputError:
     """The output ``dest`` cannot be created, written or renamed into place."""
     dest = Path(dest)
-    folder = dest.parent
+    folder = dest.absolute().parent  # "folder ." would not say much
     if exc.errno == errno.EROFS:
         return OutputError(f"{dest}: cannot write: {folder} is on a read-only file system.",
                            hint=f"Write somewhere writable with {option} (e.g. {option} /tmp/{dest.name}).")

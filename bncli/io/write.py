@@ -67,7 +67,7 @@ def check_output(dest: Path, *, force: bool, protect: Iterable[Path] = (),
                           hint=f"Give the {option} file one of these extensions: {', '.join(allowed)}.")
     try:
         for src in protect:
-            if Path(src).exists() and dest.exists() and Path(src).samefile(dest):
+            if _same_file(Path(src), dest):
                 raise OutputError(f"{dest}: is an input file; bncli never overwrites its input.",
                                   hint=f"Choose another path with {option}.")
         if dest.is_dir():
@@ -82,6 +82,17 @@ def check_output(dest: Path, *, force: bool, protect: Iterable[Path] = (),
         raise output_error(dest, exc, option=option) from None
     if probe:
         _probe_folder(dest, option)
+
+
+def _same_file(src: Path, dest: Path) -> bool:
+    """Whether ``dest`` is ``src`` (also through a link); an input we cannot stat is reported
+    by the reader, not here as an output error."""
+    try:
+        if not src.exists():
+            return False
+    except OSError:
+        return False
+    return dest.exists() and src.samefile(dest)
 
 
 def _default_mode() -> int:
