@@ -19,6 +19,7 @@ import shutil
 import sys
 import textwrap
 import types
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import typer
@@ -122,12 +123,14 @@ class Group(TyperGroup):
         _format_sections(self, ctx, formatter)
         self.format_commands(ctx, formatter)
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
+             **extra: Any) -> Any:
         """typer's main, except that a usage error is shown by :func:`show_usage_error`."""
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         except typer.BadParameter as exc:  # a bad option value: its message states the range
             show_usage_error(exc)
         except typer.TyperException as exc:  # other usage errors (unknown option, help with no args)
