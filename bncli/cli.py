@@ -78,7 +78,8 @@ def main() -> None:
     traceback reaches the user without ``--debug``.
     """
     try:
-        app()
+        # The name completion scripts and usage lines use, also for `python -m bncli`.
+        app(prog_name="bncli")
     except Exception as exc:
         if DEBUG["on"] or os.environ.get("BNCLI_DEBUG"):
             raise
