@@ -167,11 +167,14 @@ class AtomicGroup:
         done: list[tuple[Path, Path | None]] = []
         try:
             for dest, tmp, _, option in self._staged:
+                backup = None
                 try:
                     tmp.chmod(mode)
                     backup = _hard_link_backup(dest)
                     tmp.replace(dest)
                 except OSError as exc:
+                    if backup is not None:  # dest was not replaced: its second name is not needed
+                        backup.unlink(missing_ok=True)
                     raise output_error(dest, exc, option=option) from None
                 done.append((dest, backup))
         except BaseException:
