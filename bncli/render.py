@@ -112,6 +112,22 @@ def findings_text(report: Any) -> Text:
     return text
 
 
-def kv_line(pairs: Sequence[tuple[str, str]]) -> str:
-    """``key value · key value`` with bold keys, escaped."""
-    return "  ".join(f"[bold]{escape(k)}[/] {escape(v)}" for k, v in pairs)
+def kv_line(pairs: Sequence[tuple[str, str]], width: int | None = None) -> str:
+    """``key value  key value`` with bold keys, escaped.
+
+    With ``width``, a line that would be wider breaks between pairs, never inside one
+    (``size 192.00`` / ``KiB``); continuation lines are indented by two spaces.
+    """
+    cells = [(f"{k} {v}", f"[bold]{escape(k)}[/] {escape(v)}") for k, v in pairs]
+    if width is None:
+        return "  ".join(markup for _, markup in cells)
+    lines: list[list[str]] = [[]]
+    used = 0
+    for plain, markup in cells:
+        need = len(plain) + (2 if lines[-1] else 0)
+        if lines[-1] and used + need > width:
+            lines.append([])
+            used, need = 2, len(plain)
+        lines[-1].append(markup)
+        used += need
+    return "\n  ".join("  ".join(line) for line in lines)

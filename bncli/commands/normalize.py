@@ -126,13 +126,13 @@ def _render_header(plan: Any) -> None:
 
     out = console()
     out.print(kv_line([("input", str(plan.input) + (f" [{plan.key}]" if plan.key else "")),
-                       ("shape", str(plan.shape)), ("dtype", plan.dtype), ("layout", plan.layout)]))
-    out.print(kv_line([("mode", plan.mode), ("device", plan.device), ("state", plan.source.description)]))
+                       ("shape", str(plan.shape)), ("dtype", plan.dtype), ("layout", plan.layout)], out.width))
+    out.print(kv_line([("mode", plan.mode), ("device", plan.device), ("state", plan.source.description)], out.width))
     if plan.execution.get("path") == "out-of-core":
         passes = plan.execution["passes"]
         out.print(kv_line([("out-of-core", f"{passes} {'pass' if passes == 1 else 'passes'}, "
                                            f"{size_text(plan.execution['chunk_bytes'])} chunks; 'after' "
-                                           "columns derived from the exact input statistics")]))
+                                           "columns derived from input stats")], out.width))
 
 
 def _render(r: Any) -> None:
@@ -144,9 +144,9 @@ def _render(r: Any) -> None:
     title = "Per-channel statistics (biased std, as BatchNorm uses)"
     out.print(normalize_table(len(r.mean_before), cols, title))
     if "num_batches_tracked" in r.state:
-        out.print(kv_line([("num_batches_tracked", str(int(r.state["num_batches_tracked"])))]))
+        out.print(kv_line([("num_batches_tracked", str(int(r.state["num_batches_tracked"])))], out.width))
     out.print(kv_line([("wrote", str(r.output))] +
-                      ([("state", str(r.state_path))] if r.state_path else [])))
+                      ([("state", str(r.state_path))] if r.state_path else []), out.width))
     if r.source.ignored_keys:
         console(stderr=True).print(f"[yellow]Note:[/] ignored state keys {r.source.ignored_keys} "
                                    "(not used with these options).")

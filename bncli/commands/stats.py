@@ -107,10 +107,10 @@ def _render(r: Any, save_state: Path | None) -> None:
             out.print(f"  ... {len(r.inputs) - 7} more")
             continue
         out.print(kv_line([("input", str(s.path) + (f" [{s.key}]" if s.key else "")),
-                           ("shape", str(s.shape)), ("dtype", s.dtype), ("size", size_text(s.nbytes))]))
+                           ("shape", str(s.shape)), ("dtype", s.dtype), ("size", size_text(s.nbytes))], out.width))
     out.print(kv_line([("files", str(len(r.inputs))), ("total", size_text(r.total_bytes)),
                        ("layout", r.layout), ("values per channel", f"{m.count:,}")]
-                      + ([("scale", f"divided by {r.scale:g}")] if r.scale != 1.0 else [])))
+                      + ([("scale", f"divided by {r.scale:g}")] if r.scale != 1.0 else []), out.width))
     cols = [("mean", m.mean), ("std", m.std), ("var", m.var), ("var (n-1)", m.var_unbiased),
             ("min", m.minimum), ("max", m.maximum)]
     if m.non_finite.any():
@@ -135,7 +135,7 @@ def _render(r: Any, save_state: Path | None) -> None:
             line = f"{head},\n{' ' * len('transforms.Normalize(')}std={tail}"
         out.print(line, markup=False, highlight=False, soft_wrap=True)
     if save_state is not None:
-        out.print(kv_line([("wrote", str(save_state))]))
+        out.print(kv_line([("wrote", str(save_state))], out.width))
         out.print(f"use it: bncli normalize DATA --mode eval --state {save_state}",
                   markup=False, highlight=False, soft_wrap=True)
     for note in r.notes:
