@@ -196,49 +196,29 @@ def test_a_late_failure_leaves_neither_output(runner: CliRunner, batch: Path, tm
         assert out.read_bytes() == b"old output" and state.read_bytes() == b"old state"
 
 
-def test_commit_rolls_back_what_it_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    new, old = tmp_path / "new.npy", tmp_path / "old.pt"
+@pytest.mark.parametrize("existing", ["first", "second"])
+def test_commit_rolls_back_what_it_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: str) -> None:
+    """The second rename fails: the first output is undone (removed, or restored if it replaced a file)."""
+    first, second = tmp_path / "a.npy", tmp_path / "b.pt"
+    old = first if existing == "first" else second
     old.write_bytes(b"previous")
     real_replace = Path.replace
     calls: list[Path] = []
 
     def flaky_replace(self: Path, target: Any) -> Path:
         calls.append(Path(target))
-        if len(calls) == 2:  # the second output's rename fails
+        if len(calls) == 2:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
         return real_replace(self, target)
 
     monkeypatch.setattr(Path, "replace", flaky_replace)
-    with pytest.raises(OutputError, match="old.pt: permission denied"):
-        with io.AtomicGroup(force=True) as group:
-            group.write(new, lambda fh: fh.write(b"first") and None)
-            group.write(old, lambda fh: fh.write(b"second") and None, allowed=io.STATE_SUFFIXES)
-    monkeypatch.setattr(Path, "replace", real_replace)
-    assert not new.exists()  # the first rename was undone
-    assert old.read_bytes() == b"previous"
-    assert [p.name for p in tmp_path.iterdir()] == ["old.pt"]  # no temp or backup file left
-
-
-def test_commit_restores_a_replaced_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    first, second = tmp_path / "a.npy", tmp_path / "b.npy"
-    first.write_bytes(b"keep a")
-    real_replace = Path.replace
-    count = {"n": 0}
-
-    def flaky_replace(self: Path, target: Any) -> Path:
-        count["n"] += 1
-        if count["n"] == 2:
-            raise OSError(errno.EIO, os.strerror(errno.EIO), str(target))
-        return real_replace(self, target)
-
-    monkeypatch.setattr(Path, "replace", flaky_replace)
-    with pytest.raises(OutputError, match="b.npy: cannot write"):
+    with pytest.raises(OutputError, match="b.pt: permission denied"):
         with io.AtomicGroup(force=True) as group:
             group.write(first, lambda fh: fh.write(b"new a") and None)
-            group.write(second, lambda fh: fh.write(b"new b") and None)
+            group.write(second, lambda fh: fh.write(b"new b") and None, allowed=io.STATE_SUFFIXES)
     monkeypatch.setattr(Path, "replace", real_replace)
-    assert first.read_bytes() == b"keep a" and not second.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
+    assert old.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == [old.name]  # nothing new, no temp or backup file
 
 
 def test_group_discards_on_error_and_refuses_duplicates(tmp_path: Path) -> None:

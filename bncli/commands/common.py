@@ -19,28 +19,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from bncli.commands.options import (  # noqa: F401  (re-exported: commands import them from here too)
-    AffineOpt,
-    BiasOpt,
-    Device,
-    DeviceOpt,
-    EpsOpt,
-    InputArg,
-    JsonOpt,
-    KeyOpt,
-    Layout,
-    LayoutOpt,
-    Mode,
-    ModeOpt,
-    MomentumOpt,
-    NumFeaturesOpt,
-    PrefixOpt,
-    StateOpt,
-    TrackOpt,
-    WeightOpt,
-    parse_eps,
-    parse_momentum,
-)
+from bncli.commands import options
 from bncli.errors import BncliError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,6 +32,14 @@ EXIT_INTERNAL = 70
 #: Exit code when stdout is closed early (``| head``): 128 + SIGPIPE, what a shell reports for a
 #: Unix tool killed by SIGPIPE.
 EXIT_PIPE = 141
+
+
+def __getattr__(name: str) -> Any:
+    """The option types moved to :mod:`bncli.commands.options`; importing them from here still works."""
+    try:
+        return getattr(options, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:

@@ -165,14 +165,13 @@ NumFeaturesOpt = Annotated[int | None, typer.Option(
     "--num-features", "-C", callback=parse_channels,
     help="Channel count C of the layer (default: from --state, else the data).",
     rich_help_panel=LAYER_PANEL)]
-WeightOpt = Annotated[str | None, typer.Option(
-    "--weight", metavar="LIST|FILE", callback=parse_vector_option,
-    help="Per-channel weight (gamma): '1,0.5,2' or a 1D tensor file.",
-    rich_help_panel=LAYER_PANEL)]
-BiasOpt = Annotated[str | None, typer.Option(
-    "--bias", metavar="LIST|FILE", callback=parse_vector_option,
-    help="Per-channel bias (beta): '0,0.1,0' or a 1D tensor file.",
-    rich_help_panel=LAYER_PANEL)]
+def _vector_option(flag: str, what: str, example: str) -> typer.models.OptionInfo:
+    return typer.Option(flag, metavar="LIST|FILE", callback=parse_vector_option,
+                        help=f"Per-channel {what}: '{example}' or a 1D tensor file.", rich_help_panel=LAYER_PANEL)
+
+
+WeightOpt = Annotated[str | None, _vector_option("--weight", "weight (gamma)", "1,0.5,2")]
+BiasOpt = Annotated[str | None, _vector_option("--bias", "bias (beta)", "0,0.1,0")]
 StateOpt = Annotated[Path | None, typer.Option(
     "--state", metavar="FILE", readable=False,
     help="state_dict or whole-model checkpoint (.pt/.safetensors) to take weight, bias and running stats from.",
