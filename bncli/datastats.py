@@ -23,6 +23,7 @@ from bncli.distributed import LOCAL, World, split_contiguous
 from bncli.errors import DTypeError, InputError, ShapeError, StateError
 from bncli.moments import Moments, block_moments, estimate_shift, merge_pairwise
 from bncli.outofcore import DEFAULT_CHUNK_BYTES, ProgressFn, default_workers, ordered_map
+from bncli.wording import plural, verb
 
 if TYPE_CHECKING:
     import torch
@@ -190,8 +191,8 @@ def read_shard(path: Path, key: str | None, layout: str, *, layout_given: bool =
     findings = check_shape(shape, info.dtype, mode="eval", layout=layout)
     for f in findings:
         if f.code == "not_4d":
-            raise ShapeError(f"{path}: per-channel statistics need a 4D (N, C, H, W) input (or (N, H, W, C) "
-                             f"with --layout nhwc). {f.message}", hint=f.hint)
+            # The same diagnosis as check-shape and normalize: the rule, then what the shape looks like.
+            raise ShapeError(f"{path}: {f.message}", hint=f.hint)
     if _kind(info.dtype) not in _STATS_KINDS:
         raise DTypeError(f"{path}: cannot compute statistics of dtype {info.dtype}.",
                          hint="Use real numbers: floating point or integer data.")
@@ -218,7 +219,7 @@ def check_shards(shards: Sequence[Shard], layout: str, *, allow_mixed_dtypes: bo
             if looks is not None:
                 hint += f" {looks.path} looks channels-last: pass --layout nhwc if it is."
             raise ShapeError(
-                f"{s.path}: has {s.shape[axis]} channels on its {_axis_name(layout)} (shape {s.shape}), "
+                f"{s.path}: has {plural(s.shape[axis], 'channel')} on its {_axis_name(layout)} (shape {s.shape}), "
                 f"but {first.path} has {first.shape[axis]} (shape {first.shape}).", hint=hint)
     by_dtype: dict[str, list[Shard]] = {}
     for s in shards:
@@ -379,7 +380,8 @@ def stats_notes(r: StatsResult) -> list[str]:
     bad = r.moments.non_finite
     if bad.any():
         chans = ", ".join(str(i) for i in np.flatnonzero(bad)[:10])
-        notes.append(f"{int(bad.sum())} values are NaN or Inf (channels {chans}); the mean and "
+        notes.append(f"{plural(int(bad.sum()), 'value')} {verb(int(bad.sum()), 'is', 'are')} NaN or Inf "
+                     f"({plural(int((bad > 0).sum()), 'channel')}: {chans}); the mean and "
                      "variance of those channels are not finite, as BatchNorm2d's would be. "
                      "min and max ignore NaN.")
     ints = [s for s in r.inputs if s.is_integer]

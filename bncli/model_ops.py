@@ -350,11 +350,11 @@ def recalibrate_model(path: Path, data: Sequence[Path], output: Path, *, key: st
         if progress is not None:
             progress("recalibrate", done, plan.total_bytes)
     updates, bn_state = _apply_stats(m, tracked, stats, var_mode, plan.batches)
-    writes = [pt2.program_write(m.ep, output)]
-    if state_path is not None:
-        writes.append(io.PendingWrite(state_path, io.state_dict_writer(bn_state, state_path.suffix),
-                                      io.STATE_OUTPUT_SUFFIXES))
-    io.write_atomic_all(writes, force=force, protect=[path, *data])
+    with io.AtomicGroup(force=force, protect=[path, *data]) as group:
+        pt2.stage_program(group, m.ep, output)
+        if state_path is not None:
+            group.write(state_path, io.state_writer(bn_state, state_path), allowed=io.STATE_OUTPUT_SUFFIXES,
+                        option="--save-state")
     return RecalibrateResult(path, output, plan, var_mode, updates,
                              [layer for layer in m.layers if not layer.has_running_stats], state_path, bn_state)
 

@@ -138,7 +138,7 @@ def test_failure_or_interrupt_leaves_nothing(files: tuple[Path, Path], runner: C
             raise KeyboardInterrupt
         return writer
 
-    monkeypatch.setattr(io, "state_dict_writer", interrupted)
+    monkeypatch.setattr(io, "state_writer", interrupted)
     result = run(runner, "recalibrate", model, data, "-o", out, "--save-state", state)
     assert result.exit_code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "x.npy"]  # no output, no temp file

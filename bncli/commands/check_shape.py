@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from bncli.commands.common import (
+from bncli.commands.common import handle_errors, print_json
+from bncli.commands.options import (
     GlobOpt,
     InputsArg,
     JsonOpt,
@@ -15,8 +16,7 @@ from bncli.commands.common import (
     LayoutOpt,
     Mode,
     ModeOpt,
-    handle_errors,
-    print_json,
+    parse_channels,
 )
 
 
@@ -27,7 +27,8 @@ def check_shape(
     mode: ModeOpt = Mode.train,
     layout: LayoutOpt = Layout.nchw,
     num_features: Annotated[int | None, typer.Option(
-        "--num-features", "-C", min=1, help="Expected channel count (e.g. your layer's num_features).")] = None,
+        "--num-features", "-C", callback=parse_channels,
+        help="Expected channel count (e.g. your layer's num_features).")] = None,
     scan: Annotated[bool, typer.Option(
         "--scan/--no-scan", help="Scan the values: NaN/Inf, constant and ill-conditioned channels "
                             "(--no-scan reads headers only).")] = True,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bncli.commands.common import (
+from bncli.commands.common import finite_or_none, handle_errors, print_json, state_findings
+from bncli.commands.model_options import BatchSizeOpt, DataOpt, DropLastOpt
+from bncli.commands.options import (
     AffineOpt,
     BiasOpt,
     Device,
@@ -21,13 +23,8 @@ from bncli.commands.common import (
     StateOpt,
     TrackOpt,
     WeightOpt,
-    finite_or_none,
-    handle_errors,
     parse_momentum,
-    print_json,
-    state_findings,
 )
-from bncli.commands.model_options import BatchSizeOpt, DataOpt, DropLastOpt
 
 
 @handle_errors
@@ -180,7 +177,7 @@ def _render(r: Any) -> None:
 
     out = console()
     out.print(kv_line([("input", str(r.input) + (f" [{r.key}]" if r.key else "")),
-                       ("shape", str(r.shape)), ("dtype", r.dtype), ("layout", r.layout)]))
+                       ("shape", str(r.shape)), ("dtype", r.dtype), ("layout", r.layout)], out.width))
     top = r.overall_max_abs_diff
     n = len(r.max_abs_diff)
     cols: list[tuple[str, Any]] = [("train mean", r.train_mean), ("train std", r.train_std),
@@ -189,7 +186,7 @@ def _render(r: Any) -> None:
     out.print(normalize_table(n, cols, "Output per channel: train mode vs eval mode",
                               picture=lambda ch: bar(float(r.max_abs_diff[ch]), top, 12)))
     where = str(int(np.nanargmax(r.max_abs_diff))) if n and np.isfinite(r.max_abs_diff).any() else "-"
-    out.print(kv_line([("largest |train - eval|", fmt(top)), ("at channel", where)]))
+    out.print(kv_line([("largest |train - eval|", fmt(top)), ("at channel", where)], out.width))
     used: list[tuple[str, Any]] = [("batch mean", r.batch_mean), ("batch var", r.batch_var)]
     if r.running_mean is not None:
         used += [("run mean", r.running_mean), ("run var", r.running_var),

@@ -7,8 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from bncli.commands.common import JsonOpt, KeyOpt, finite_or_none, handle_errors, print_json
-from bncli.commands.model_options import BatchSizeOpt, DataOpt, ForceOpt, ModelArg, default_model_output
+from bncli.commands.common import finite_or_none, handle_errors, print_json
+from bncli.commands.model_options import BatchSizeOpt, DataOpt, ModelArg, default_model_output
+from bncli.commands.options import ForceOpt, JsonOpt, KeyOpt
 
 
 def _tolerance(value: float) -> float:

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from bncli.commands.common import JsonOpt, handle_errors, parse_eps, parse_momentum, print_error, print_json
+from bncli.commands.common import handle_errors, print_error, print_json
+from bncli.commands.options import JsonOpt, parse_eps, parse_momentum
 
 
 class FailOn(str, Enum):

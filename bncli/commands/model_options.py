@@ -9,15 +9,16 @@ from typing import Annotated
 import typer
 
 MODEL_PANEL = "Whole model (.pt2)"
+# readable=False: bncli.io reports an unreadable file itself (exit 1 with a fix), not typer (exit 2).
 
 ModelArg = Annotated[Path, typer.Argument(
     help="A model saved with torch.export.save (.pt2), read without running its code.",
-    show_default=False, metavar="MODEL")]
+    show_default=False, metavar="MODEL", readable=False)]
 DataArgs = Annotated[list[Path], typer.Argument(
     help="Model inputs (.npy .npz .pt .safetensors), samples along axis 0; several files "
-         "are read in a row.", show_default=False, metavar="DATA")]
+         "are read in a row.", show_default=False, metavar="DATA", readable=False)]
 DataOpt = Annotated[list[Path] | None, typer.Option(
-    "--data", metavar="FILE", show_default=False, rich_help_panel=MODEL_PANEL,
+    "--data", metavar="FILE", show_default=False, rich_help_panel=MODEL_PANEL, readable=False,
     help="With a .pt2 INPUT: model inputs to run (.npy .npz .pt .safetensors), samples along "
          "axis 0; repeat for several files.")]
 BatchSizeOpt = Annotated[int | None, typer.Option(
@@ -27,7 +28,6 @@ BatchSizeOpt = Annotated[int | None, typer.Option(
 DropLastOpt = Annotated[bool, typer.Option(
     "--drop-last", rich_help_panel=MODEL_PANEL,
     help="Skip a last batch shorter than --batch-size (needed when the export's batch is static).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing output files.")]
 
 
 class VarMode(str, Enum):

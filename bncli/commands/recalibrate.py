@@ -7,16 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
-from bncli.commands.common import JsonOpt, KeyOpt, finite_or_none, handle_errors, print_json
+from bncli.commands.common import finite_or_none, handle_errors, print_json
 from bncli.commands.model_options import (
     BatchSizeOpt,
     DataArgs,
     DropLastOpt,
-    ForceOpt,
     ModelArg,
     VarMode,
     default_model_output,
 )
+from bncli.commands.options import ForceOpt, JsonOpt, KeyOpt
 
 
 @handle_errors

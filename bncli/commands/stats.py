@@ -7,40 +7,17 @@ from typing import Annotated, Any
 
 import typer
 
-from bncli.commands.common import (
+from bncli.commands.common import handle_errors, primary_rank_reports, print_json
+from bncli.commands.options import (
+    ChunkSizeOpt,
+    ForceOpt,
     GlobOpt,
     InputsArg,
     JsonOpt,
     KeyOpt,
     Layout,
-    handle_errors,
-    primary_rank_reports,
-    print_json,
+    parse_scale,
 )
-
-
-def parse_chunk_size(value: str | None) -> int | None:
-    """``--chunk-size 8M`` -> bytes (typer parser; bad values exit 2)."""
-    if value is None:
-        return None
-    from bncli.outofcore import parse_size
-
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
-def _positive(value: float, name: str) -> float:
-    if not (value > 0 and value != float("inf")):
-        raise typer.BadParameter(f"{name} must be a positive number, got {value}.")
-    return value
-
-
-# The parser turns the text given ("8M") into the int of bytes the command receives.
-ChunkSizeOpt = Annotated[int | None, typer.Option(
-    "--chunk-size", metavar="SIZE", parser=parse_chunk_size,
-    help="Bytes read per chunk, e.g. 4M, 64MiB, 1G (default 8M). Peak memory is a few chunks.")]
 
 
 @handle_errors
@@ -48,12 +25,12 @@ def stats(
     inputs: InputsArg,
     key: KeyOpt = None,
     layout: Annotated[Layout | None, typer.Option(
-        "--layout", show_default=False,
+        "--layout", show_default=False, case_sensitive=False,
         help="nchw: (N, C, H, W); nhwc: channels-last (N, H, W, C) arrays. Default nchw, with a "
              "note for inputs that look channels-last.")] = None,
     chunk_size: ChunkSizeOpt = None,
     scale: Annotated[float, typer.Option(
-        "--scale", callback=lambda v: _positive(v, "--scale"),
+        "--scale", callback=parse_scale,
         help="Divide the values of integer inputs by this first, e.g. 255 for uint8 images fed "
              "through ToTensor(). Floating-point inputs are kept as they are.")] = 1.0,
     allow_mixed_dtypes: Annotated[bool, typer.Option(
@@ -62,10 +39,10 @@ def stats(
              "floats give statistics of neither).")] = False,
     glob: GlobOpt = None,
     save_state: Annotated[Path | None, typer.Option(
-        "--save-state", metavar="FILE",
+        "--save-state", metavar="FILE", readable=False,
         help="Write a BatchNorm2d state_dict (.pt/.safetensors) whose running_mean/running_var are "
              "these statistics, for `normalize --mode eval --state FILE`.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --save-state file.")] = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Exact per-channel count, mean, variance, std, min and max of a dataset.
@@ -100,7 +77,8 @@ def stats(
 
     def check_destination() -> None:  # rank 0 writes, so rank 0 checks; before a long pass
         if save_state is not None and world.is_primary:
-            io.check_output(save_state, force=force, protect=inputs, allowed=io.STATE_OUTPUT_SUFFIXES)
+            io.check_output(save_state, force=force, protect=inputs, allowed=io.STATE_OUTPUT_SUFFIXES,
+                            option="--save-state")
 
     with primary_rank_reports(), distributed.session() as world:
         world.gather(check_destination)
@@ -119,19 +97,11 @@ def stats(
             _render(result, save_state)
 
 
-def _size(nbytes: int) -> str:
-    """1.50 GiB, 16.00 MiB, 300 B."""
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= factor:
-            return f"{nbytes / factor:.2f} {unit}"
-    return f"{nbytes} B"
-
-
 def _render(r: Any, save_state: Path | None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from bncli.render import console, fmt, kv_line, rows_to_show
+    from bncli.render import console, fmt, kv_line, rows_to_show, size_text
 
     out, err = console(), console(stderr=True)
     m = r.moments
@@ -141,13 +111,14 @@ def _render(r: Any, save_state: Path | None) -> None:
             out.print(f"  ... {len(r.inputs) - 7} more")
             continue
         out.print(kv_line([("input", str(s.path) + (f" [{s.key}]" if s.key else "")),
-                           ("shape", str(s.shape)), ("dtype", s.dtype), ("size", _size(s.nbytes))]))
+                           ("shape", str(s.shape)), ("dtype", s.dtype), ("size", size_text(s.nbytes))],
+                          out.width))
     scaled = [s for s in r.inputs if s.scale != 1.0]
     divided = "divided by" if len(scaled) == len(r.inputs) else "integer inputs divided by"
-    out.print(kv_line([("files", str(len(r.inputs))), ("total", _size(r.total_bytes)),
+    out.print(kv_line([("files", str(len(r.inputs))), ("total", size_text(r.total_bytes)),
                        ("layout", r.layout), ("values per channel", f"{m.count:,}")]
                       + ([("scale", f"{divided} {r.scale:g}")] if scaled else [])
-                      + ([("ranks", str(r.ranks))] if r.ranks > 1 else [])))
+                      + ([("ranks", str(r.ranks))] if r.ranks > 1 else []), out.width))
     cols = [("mean", m.mean), ("std", m.std), ("var", m.var), ("var (n-1)", m.var_unbiased),
             ("min", m.minimum), ("max", m.maximum)]
     if m.non_finite.any():
@@ -166,9 +137,13 @@ def _render(r: Any, save_state: Path | None) -> None:
     out.print(table)
     line = r.normalize_line()
     if line:
+        if len(line) > out.width and ", std=" in line:
+            # Still valid Python to paste, broken inside the parentheses instead of mid-number.
+            head, tail = line.split(", std=", 1)
+            line = f"{head},\n{' ' * len('transforms.Normalize(')}std={tail}"
         out.print(line, markup=False, highlight=False, soft_wrap=True)
     if save_state is not None:
-        out.print(kv_line([("wrote", str(save_state))]))
+        out.print(kv_line([("wrote", str(save_state))], out.width))
         out.print(f"use it: bncli normalize DATA --mode eval --state {save_state}",
                   markup=False, highlight=False, soft_wrap=True)
     for note in r.notes:

@@ -24,28 +24,29 @@ from bncli.io.formats import (
     load_tensor,
     parse_vector,
     peek,
+    require_file,
     split_container,
     suffix_of,
 )
 from bncli.io.inputs import DEFAULT_GLOB, expand_inputs, natural_key, parse_glob
 from bncli.io.stream import NpyWriter, RawTensor, available_memory, iter_chunks, raw_tensor, read_rows
 from bncli.io.write import (
-    PendingWrite,
+    AtomicGroup,
     atomic_output,
     check_output,
     default_output,
     save_state_dict,
     save_tensor,
-    state_dict_writer,
+    state_writer,
+    tensor_writer,
     write_atomic,
-    write_atomic_all,
 )
 
 __all__ = [
     "CONTAINER_KEYS", "DEFAULT_GLOB", "OUTPUT_SUFFIXES", "STATE_OUTPUT_SUFFIXES", "STATE_SUFFIXES",
-    "TENSOR_SUFFIXES", "TORCH_SUFFIXES", "NpyWriter", "PendingWrite", "RawTensor", "TensorInfo",
+    "TENSOR_SUFFIXES", "TORCH_SUFFIXES", "AtomicGroup", "NpyWriter", "RawTensor", "TensorInfo",
     "atomic_output", "available_memory", "check_output", "default_output", "expand_inputs", "iter_chunks",
     "layer_name", "load_numpy", "load_state_dict", "load_tensor", "natural_key", "parse_glob",
-    "parse_vector", "peek", "raw_tensor", "read_rows", "save_state_dict", "save_tensor",
-    "split_container", "state_dict_writer", "suffix_of", "write_atomic", "write_atomic_all",
+    "parse_vector", "peek", "raw_tensor", "read_rows", "require_file", "save_state_dict", "save_tensor",
+    "split_container", "state_writer", "suffix_of", "tensor_writer", "write_atomic",
 ]

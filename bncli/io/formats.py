@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from bncli.errors import InputError, KeyChoiceError, UnsafeFileError
+from bncli.io.oserrors import input_error
 
 if TYPE_CHECKING:
     import torch
@@ -78,11 +79,21 @@ def suffix_of(path: Path, allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> str:
     return suffix
 
 
-def _require_file(path: Path) -> None:
-    if not path.exists():
-        raise InputError(f"{path}: no such file.", hint="Check the path (and the current directory).")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a tensor file.", hint="Pass a file inside it.")
+def require_file(path: Path) -> None:
+    """An existing, readable file, or the InputError that says which of these it is not.
+
+    Opening it here, once, means a file this user may not read (or in a folder it may not
+    search) is reported as such, whatever loader would have opened it next.
+    """
+    try:
+        if not path.exists():
+            raise InputError(f"{path}: no such file.", hint="Check the path (and the current directory).")
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory, not a tensor file.", hint="Pass a file inside it.")
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise input_error(path, exc) from None
 
 
 def _unsafe(path: Path, why: str) -> UnsafeFileError:
@@ -280,7 +291,7 @@ def peek(path: Path, key: str | None = None) -> TensorInfo:
         InputError, UnsafeFileError, KeyChoiceError: see the messages.
     """
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     suffix = suffix_of(path)
     if suffix == ".npy":
         info = _npy_info(path)
@@ -309,7 +320,7 @@ def load_tensor(path: Path, key: str | None = None) -> tuple[torch.Tensor, str |
     import torch
 
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     suffix = suffix_of(path)
     if suffix in TORCH_SUFFIXES:
         tensors = _torch_load(path)
@@ -333,7 +344,7 @@ def load_tensor(path: Path, key: str | None = None) -> tuple[torch.Tensor, str |
 def load_numpy(path: Path, key: str | None = None, *, mmap: bool = False) -> tuple[np.ndarray, str | None]:
     """Load a ``.npy``/``.npz`` array with ``allow_pickle=False`` (``mmap`` for .npy)."""
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     suffix = suffix_of(path, (".npy", ".npz"))
     if suffix == ".npy":
         _npy_info(path)  # refuses pickles and object arrays with a clear reason
@@ -364,7 +375,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     name without containers and wrappers (``module.``, ``_orig_mod.``).
     """
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     suffix = suffix_of(path, STATE_SUFFIXES)
     if suffix == ".safetensors":
         from safetensors import SafetensorError

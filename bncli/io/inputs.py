@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from bncli.errors import InputError
+from bncli.io.oserrors import input_error
 
 DEFAULT_GLOB = "*.npy,*.npz,*.pt,*.pth,*.safetensors"
 STDIN = "-"
@@ -66,8 +67,7 @@ def _folder_files(folder: Path, patterns: Sequence[str]) -> list[Path]:
     try:
         entries = list(os.scandir(folder))
     except OSError as exc:
-        raise InputError(f"{folder}: cannot list the folder ({exc.strerror or exc}).",
-                         hint="Check the path and its permissions.") from None
+        raise input_error(folder, exc) from None
     # Hidden names are skipped: bncli's own in-progress outputs are ".NAME.part" files.
     names = [e.name for e in entries if not e.name.startswith(".")]
     found = [folder / e.name for e in entries
@@ -148,10 +148,16 @@ def expand_inputs(paths: Iterable[str | os.PathLike[str]], *,
                 out.append(Path(STDIN))
             continue
         path = Path(text)
-        if path.is_dir():
+        try:
+            is_dir, exists = path.is_dir(), path.exists()
+        except OSError:
+            # A folder above it cannot be searched: the loader names that folder and the fix.
+            add(path)
+            continue
+        if is_dir:
             for found in _folder_files(path, patterns):
                 add(found)
-        elif not path.exists() and _WILDCARDS.search(text):
+        elif not exists and _WILDCARDS.search(text):
             for found in _pattern_files(text):
                 add(found)
         else:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from bncli.errors import InputError, UnsafeFileError
 from bncli.io import pt2_schema as schema
-from bncli.io.write import PendingWrite, write_atomic_all
+from bncli.io.write import AtomicGroup
 
 if TYPE_CHECKING:
     import torch
@@ -292,11 +292,11 @@ def load_program(path: Path) -> ExportedProgram:
         raise _bad(Path(path), f"torch could not rebuild the program ({first})") from None
 
 
-def program_write(ep: ExportedProgram, dest: Path) -> PendingWrite:
-    """``ep`` as one output of :func:`bncli.io.write_atomic_all`, written by torch.export.save.
+def stage_program(group: AtomicGroup, ep: ExportedProgram, dest: Path, *, option: str = "-o") -> None:
+    """Stage ``ep`` in ``group`` (written by torch.export.save, committed with the group's other files).
 
-    The finished temp file is read back with :func:`read_archive` before it is renamed, so
-    a written model is one bncli (and torch.export.load) can read.
+    The finished temp file is read back with :func:`read_archive` before anything is
+    renamed, so a written model is one bncli (and torch.export.load) can read.
     """
     import torch
 
@@ -307,9 +307,10 @@ def program_write(ep: ExportedProgram, dest: Path) -> PendingWrite:
     def check(tmp: Path) -> None:
         read_archive(tmp)
 
-    return PendingWrite(Path(dest), writer, PT2_SUFFIXES, check=check)
+    group.write(Path(dest), writer, allowed=PT2_SUFFIXES, option=option, check=check)
 
 
 def save_program(ep: ExportedProgram, dest: Path, *, force: bool, protect: tuple[Path, ...] = ()) -> None:
     """Write ``ep`` atomically (no partial file on failure), checked by reading it back."""
-    write_atomic_all([program_write(ep, dest)], force=force, protect=protect)
+    with AtomicGroup(force=force, protect=protect) as group:
+        stage_program(group, ep, dest)
