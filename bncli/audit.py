@@ -241,7 +241,8 @@ def _var_findings(v: np.ndarray, eps: float, c: int | None, dead: np.ndarray,
             f"deviation from running_mean is multiplied by {gain:.3g} (times the weight) and that "
             "channel's output blows up.",
             "If its input is really constant (a dead ReLU, zero padding upstream), prune the channel "
-            f"or set its weight to 0; otherwise {_RECALIBRATE}. Built with a larger eps? Pass --eps.",
+            f"or set its weight to 0; otherwise {_RECALIBRATE}."
+            + (" Built with a larger eps? Pass --eps." if eps_assumed else ""),
             tuple(int(i) for i in low)))
     return out
 
