@@ -10,7 +10,6 @@ import math
 from collections import Counter
 from typing import Any
 
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -42,18 +41,31 @@ def _span(summary: Any, sep: str) -> str:
     return (lo if lo == hi else f"{lo}{sep}{hi}") + (" !" if summary.non_finite else "")
 
 
+def _width(cell: str) -> int:
+    return max(len(line) for line in cell.split("\n"))
+
+
+def _conv_line(conv: str, layer: str, room: int) -> str:
+    """``← stem.conv`` under its layer; ``← ….conv1`` (the shared parent elided) if too wide."""
+    full = f"← {conv}"
+    parent = layer.rpartition(".")[0]
+    if len(full) <= room or not parent or not conv.startswith(parent + "."):
+        return full
+    return f"← …{conv[len(parent):]}"
+
+
 def _table(report: Any, width: int) -> Table:
     graph = bool(report.nodes)
-    convs = [report.node_of(a).conv or "-" for a in report.layers] if graph else []
+    names = [report.display_name(a) or "(top level)" for a in report.layers]
+    convs = [report.node_of(a).conv for a in report.layers] if graph else []
     rows = []
     for i, a in enumerate(report.layers):
         worst = "error" if a.count("error") else "warning" if a.findings else ""
-        rows.append([escape(report.display_name(a) or "(top level)"), *(escape(c) for c in convs[i:i + 1]),
-                     str(a.channels or "-"),
+        rows.append([names[i], *[convs[i] or "-" for _ in range(graph)], str(a.channels or "-"),
                      "-" if a.num_batches_tracked is None else str(a.num_batches_tracked),
                      *[_span(a.buffers.get(key), "…") for key, _ in BUFFERS], worst])
-    headers = ["layer", *(["conv"] if graph else []), "C", "batches", *[h for _, h in BUFFERS], "error"]
-    widths = [max(len(r[i].split("\n")[0]) for r in [headers, *rows]) for i in range(len(headers))]
+    headers = ["layer", *["conv" for _ in range(graph)], "C", "batches", *[h for _, h in BUFFERS], "error"]
+    widths = [max(_width(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
     # One line per layer when it fits; else each range as min over max (two lines, narrow),
     # and the conv under its layer's name.
     stacked = sum(widths) + 3 * (len(widths) - 1) > width
@@ -61,21 +73,28 @@ def _table(report: Any, width: int) -> Table:
     title = f"Per layer, {what}: running_mean, running_var, weight, bias"
     if graph and not stacked:
         title += "; the conv feeding it"
-    if stacked and graph:
-        headers[0:2] = ["layer ← conv"]
-        for row, conv in zip(rows, convs, strict=True):
-            row[0:2] = [row[0] + ("" if conv == "-" else f"\n← {escape(conv)}")]
     first = 3 if not graph or stacked else 4  # index of the first buffer column
+    if stacked:
+        if graph:
+            headers[0:2] = ["layer ← conv"]
+            for row in rows:
+                del row[1]
+        for a, row in zip(report.layers, rows, strict=True):
+            row[first:first + 4] = [_span(a.buffers.get(key), "\n") for key, _ in BUFFERS]
+        shown = [[*r[:-1], STATUS[r[-1]][0]] for r in rows]  # the status column shows the short word
+        others = sum(max(_width(r[i]) for r in [headers, *shown]) for i in range(1, len(headers)))
+        room = max(width - others - 3 * (len(headers) - 1), *map(len, [headers[0], *names]))
+        for row, name, conv in zip(rows, names, convs, strict=False):
+            if conv:
+                row[0] += "\n" + _conv_line(conv, name, room)
     table = Table(show_edge=False, pad_edge=False, title_justify="left", title=title)
     for i, header in enumerate(headers[:-1]):
         left = i < first - 2 or (i >= first and not stacked)
         table.add_column(header, no_wrap=True, justify="left" if left else "right")
     table.add_column("", no_wrap=True)
-    for a, row in zip(report.layers, rows, strict=True):
-        if stacked:
-            row[first:first + 4] = [_span(a.buffers.get(key), "\n") for key, _ in BUFFERS]
+    for row in rows:
         word, style = STATUS[row[-1]]
-        table.add_row(*row[:-1], Text(word, style=style))
+        table.add_row(*(Text(cell) for cell in row[:-1]), Text(word, style=style))
     return table
 
 
