@@ -231,7 +231,7 @@ def audit_program(path: Path, *, prefix: str | None = None) -> CheckpointAudit:
         return report
     for layer in layers:
         audit = audit_layer(model.layer_state(gm, layer), prefix=layer.name, eps=layer.eps,
-                            momentum=layer.module_momentum)
+                            momentum=layer.module_momentum, stored=("eps", "momentum"))
         if audit.channels is None:
             audit.channels = layer.num_features or None
         report.layers.append(audit)

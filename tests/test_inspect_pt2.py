@@ -123,7 +123,10 @@ def test_audit_equals_the_checkpoint_audit_of_the_same_model(runner: CliRunner, 
     for g, c in zip(graph["layers"], ckpt["layers"], strict=True):
         assert g["graph"] is not None and c["graph"] is None
         g.pop("graph"), c.pop("graph")
+        for f in c["findings"]:  # only a checkpoint's eps can be given with --eps
+            f["hint"] = f["hint"].removesuffix(" Built with a larger eps? Pass --eps.")
         assert g == c
+    assert any(f["code"] == "var_below_eps" for a in graph["layers"] for f in a["findings"])
 
 
 # -- planted defects: codes, channels, exit codes -------------------------------------------
@@ -388,3 +391,33 @@ def test_narrow_table_elides_the_parent_a_conv_shares_with_its_layer(narrow: Cli
     assert "backbone_stage4_downsample.1" in out and "← ….0 " in out
     wide = run(runner, "inspect", path).stdout  # type: ignore[attr-defined]
     assert "backbone_stage4_downsample.0" in wide  # the full path where there is room
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) + y
+
+
+def test_a_model_with_two_inputs_is_audited(runner: CliRunner, tmp_path: Path) -> None:
+    """inspect runs nothing, so it needs no single tensor input (compare/recalibrate/fold do)."""
+    ep = torch.export.export(TwoInputs().eval(), (torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)))
+    torch.export.save(ep, tmp_path / "two.pt2")
+    code, (report,) = inspect_json(runner, tmp_path / "two.pt2")
+    assert code == 1 and report["error"] is None
+    assert [(a["name"], [f["code"] for f in a["findings"]]) for a in report["layers"]] == [("bn", ["never_updated"])]
+
+
+def test_stored_eps_is_not_asked_for_but_a_given_one_is() -> None:
+    import numpy as np
+
+    from bncli.audit import audit_layer
+
+    tensors = {"running_mean": np.zeros(2), "running_var": np.array([1.0, 1e-12]), "num_batches_tracked": 500}
+    given, stored = audit_layer(tensors), audit_layer(tensors, stored=("eps", "momentum"))
+    assert given.findings[0].hint.endswith("Pass --eps.")  # compare/normalize take --eps
+    assert "--eps" not in stored.findings[0].hint
+    assert given.findings[0].message == stored.findings[0].message
