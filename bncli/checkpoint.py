@@ -138,6 +138,16 @@ def _load(path: Path) -> dict[str, Any]:
                           f"nothing to audit. To check a data tensor in it: bncli check-shape {path} --key KEY")
 
 
+def _failed(report: CheckpointAudit, exc: BncliError | OSError) -> CheckpointAudit:
+    """The report of a file that could not be audited, with the reason and its fix."""
+    if isinstance(exc, BncliError):
+        report.error, report.hint = exc.message, exc.hint
+    else:
+        report.error = f"{report.path}: cannot read ({exc.strerror or exc})."
+        report.hint = "Check the path and its permissions."
+    return report
+
+
 def audit_file(path: Path, *, eps: float = DEFAULT_EPS, momentum: float | None = DEFAULT_MOMENTUM,
                assumed: tuple[str, ...] = (), prefix: str | None = None) -> CheckpointAudit:
     """Audit every BatchNorm layer of a checkpoint (or only the one ``prefix`` names).
@@ -160,13 +170,8 @@ def audit_file(path: Path, *, eps: float = DEFAULT_EPS, momentum: float | None =
     try:
         state = _load(path)
         wanted = find_layer(state, prefix, str(path)) if prefix is not None else None
-    except BncliError as exc:
-        report.error, report.hint = exc.message, exc.hint
-        return report
-    except OSError as exc:
-        report.error, report.hint = f"{path}: cannot read ({exc.strerror or exc}).", \
-            "Check the path and its permissions."
-        return report
+    except (BncliError, OSError) as exc:
+        return _failed(report, exc)
     layers = audit_state_dict(state, eps=eps, momentum=momentum, assumed=assumed)
     report.layers = [a for a in layers if wanted is None or a.prefix == wanted]
     containers = {io.split_container(a.prefix)[0] for a in report.layers}
@@ -222,13 +227,8 @@ def audit_program(path: Path, *, prefix: str | None = None) -> CheckpointAudit:
                                   "or check that this is the model you meant.")
         if prefix is not None:
             layers = _pick(layers, prefix, str(path))
-    except BncliError as exc:
-        report.error, report.hint = exc.message, exc.hint
-        return report
-    except OSError as exc:
-        report.error, report.hint = f"{path}: cannot read ({exc.strerror or exc}).", \
-            "Check the path and its permissions."
-        return report
+    except (BncliError, OSError) as exc:
+        return _failed(report, exc)
     for layer in layers:
         audit = audit_layer(model.layer_state(gm, layer), prefix=layer.name, eps=layer.eps,
                             momentum=layer.module_momentum, stored=("eps", "momentum"))
