@@ -11,7 +11,8 @@ state_dict does):
 
 - :func:`audit_layer` audits ONE layer from its tensors (``weight``, ``bias``,
   ``running_mean``, ``running_var``, ``num_batches_tracked``; any may be missing) and the
-  layer's ``eps``/``momentum``, returning a :class:`LayerAudit`.
+  layer's ``eps``/``momentum`` (``assumed`` defaults, given, or ``stored`` in the file, as
+  an exported graph does), returning a :class:`LayerAudit`.
 - :func:`audit_state_dict` finds the layers of a flat state_dict
   (:func:`bncli.layers.bn_layers`) and audits each with one ``eps``/``momentum``.
 
@@ -217,7 +218,7 @@ def _dead(w: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def _var_findings(v: np.ndarray, eps: float, c: int | None, dead: np.ndarray,
-                  eps_assumed: bool) -> list[ChannelFinding]:
+                  eps_assumed: bool, eps_stored: bool) -> list[ChannelFinding]:
     out = []
     finite = np.isfinite(v)
     neg = np.flatnonzero(finite & (v < 0))
@@ -241,7 +242,8 @@ def _var_findings(v: np.ndarray, eps: float, c: int | None, dead: np.ndarray,
             f"deviation from running_mean is multiplied by {gain:.3g} (times the weight) and that "
             "channel's output blows up.",
             "If its input is really constant (a dead ReLU, zero padding upstream), prune the channel "
-            f"or set its weight to 0; otherwise {_RECALIBRATE}. Built with a larger eps? Pass --eps.",
+            f"or set its weight to 0; otherwise {_RECALIBRATE}."
+            + ("" if eps_stored else " Built with a larger eps? Pass --eps."),
             tuple(int(i) for i in low)))
     return out
 
@@ -293,7 +295,8 @@ def _count_findings(m: np.ndarray | None, v: np.ndarray | None, nbt: int | None,
 
 
 def audit_layer(tensors: Mapping[str, Any], *, prefix: str = "", eps: float = DEFAULT_EPS,
-                momentum: float | None = DEFAULT_MOMENTUM, assumed: tuple[str, ...] = ()) -> LayerAudit:
+                momentum: float | None = DEFAULT_MOMENTUM, assumed: tuple[str, ...] = (),
+                stored: tuple[str, ...] = ()) -> LayerAudit:
     """Audit one BatchNorm layer's saved tensors.
 
     Args:
@@ -305,6 +308,8 @@ def audit_layer(tensors: Mapping[str, Any], *, prefix: str = "", eps: float = DE
         momentum: The layer's momentum (None: cumulative average); ``unconverged`` uses it.
         assumed: Which of ``"eps"``/``"momentum"`` are defaults rather than this layer's
             known values (a state_dict stores neither), for the report.
+        stored: Which of them the model file itself stores (an exported graph's BN node),
+            so the fixes do not suggest a flag to give them.
 
     Returns:
         The :class:`LayerAudit`; a healthy layer has no findings.
@@ -331,7 +336,7 @@ def audit_layer(tensors: Mapping[str, Any], *, prefix: str = "", eps: float = DE
     w, v, m = vectors.get("weight"), vectors.get("running_var"), vectors.get("running_mean")
     dead, median = _dead(w) if w is not None and w.size else (np.array([], dtype=np.int64), 0.0)
     if v is not None:
-        findings.extend(_var_findings(v, eps, c, dead, "eps" in assumed))
+        findings.extend(_var_findings(v, eps, c, dead, "eps" in assumed, "eps" in stored))
     findings.extend(_count_findings(m, v, nbt, momentum, c))
     if dead.size:
         findings.append(ChannelFinding(

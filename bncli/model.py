@@ -112,6 +112,26 @@ class BnLayer:
     def has_running_stats(self) -> bool:
         return self.params.get("running_mean") is not None and self.params.get("running_var") is not None
 
+    @property
+    def module_momentum(self) -> float | None:
+        """The module's momentum as far as the graph tells: None for a 0 in an eval-mode node.
+
+        ``nn.BatchNorm2d`` passes momentum 0.0 to aten outside training when its momentum
+        is None (cumulative average), so an eval export cannot tell None from 0; None is
+        the reading under which the running statistics can have moved at all. (A module
+        with momentum None cannot be exported in train mode.)
+        """
+        return None if not self.training and self.momentum == 0 else self.momentum
+
+    @property
+    def batch_stats_when_run(self) -> bool:
+        """Exported in train mode: normalizes with batch statistics and updates its running ones.
+
+        An exported module cannot be switched with ``.eval()`` (torch 2.13 refuses it).
+        Layers without running statistics always use batch statistics and are not counted.
+        """
+        return self.training and self.has_running_stats
+
 
 def _attr(node: Any) -> str | None:
     return str(node.target) if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None

@@ -437,7 +437,7 @@ def test_several_files_report_each_and_fail_if_one_does(runner: CliRunner, tmp_p
     good = save_form(healthy_state(), "plain.pt", tmp_path)
     result = run(runner, "inspect", good, SAMPLES / "broken.ckpt", tmp_path / "missing.pt")
     assert result.exit_code == 1  # type: ignore[attr-defined]
-    assert "1 of 3 checkpoints pass (--fail-on error)." in result.stdout  # type: ignore[attr-defined]
+    assert "1 of 3 files pass (--fail-on error)." in result.stdout  # type: ignore[attr-defined]
     assert "missing.pt: no such file" in result.stderr  # type: ignore[attr-defined]
     code, doc = inspect_json(runner, good, good)
     assert code == 0 and [r["passed"] for r in doc] == [True, True]

@@ -51,7 +51,7 @@ REFUSAL_WORDS = {
 
 
 @pytest.mark.parametrize("vector", sorted({*h.PAYLOADS, *h.REFUSED}))
-@pytest.mark.parametrize("command", ["compare", "recalibrate", "fold"])
+@pytest.mark.parametrize("command", ["compare", "recalibrate", "fold", "inspect"])
 def test_bncli_runs_no_payload(vector: str, command: str, model: Path, x_npy: Path, tmp_path: Path,
                                runner: CliRunner) -> None:
     edit = h.PAYLOADS[vector][0] if vector in h.PAYLOADS else h.REFUSED[vector]
@@ -59,7 +59,7 @@ def test_bncli_runs_no_payload(vector: str, command: str, model: Path, x_npy: Pa
     evil = h.rewrite(model, tmp_path / "evil.pt2", edit, marker)
     out = tmp_path / "out.pt2"
     args = {"compare": ["compare", evil, "--data", x_npy], "recalibrate": ["recalibrate", evil, x_npy, "-o", out],
-            "fold": ["fold", evil, "-o", out]}[command]
+            "fold": ["fold", evil, "-o", out], "inspect": ["inspect", evil]}[command]
     result = runner.invoke(app, [str(a) for a in args])
     assert not marker.exists(), f"{vector}: bncli {command} ran the payload"
     if vector == "sample_inputs_pickle":
@@ -84,7 +84,7 @@ def test_bncli_never_calls_torch_export_load_or_unpickles(model: Path, x_npy: Pa
     monkeypatch.setattr(pickle, "load", forbidden)
     monkeypatch.setattr(torch._C, "_pickle_load_obj", forbidden)
     for args in (["compare", model, "--data", x_npy], ["recalibrate", model, x_npy, "-o", tmp_path / "r.pt2"],
-                 ["fold", model, "-o", tmp_path / "f.pt2"]):
+                 ["fold", model, "-o", tmp_path / "f.pt2"], ["inspect", model]):
         result = runner.invoke(app, [str(a) for a in args])
         assert result.exit_code == 0, result.output
 

@@ -1,4 +1,4 @@
-"""``bncli inspect``: audit every BatchNorm layer of a checkpoint, with coded findings."""
+"""``bncli inspect``: audit every BatchNorm layer of a checkpoint or exported model, with coded findings."""
 
 from __future__ import annotations
 
@@ -26,30 +26,34 @@ def _eps(value: float | None) -> float | None:
 @handle_errors
 def inspect(
     checkpoints: Annotated[list[Path], typer.Argument(
-        help="Checkpoints: .pt/.pth, Lightning .ckpt, .safetensors; a state_dict, a nested "
-             "{'model': ...}/{'state_dict': ...}, module./_orig_mod. prefixes.",
-        show_default=False, metavar="CKPT...")],
+        help="Checkpoints: .pt/.pth, Lightning .ckpt, .safetensors (a state_dict, a nested "
+             "{'model': ...}/{'state_dict': ...}, module./_orig_mod. prefixes); exported "
+             "models: .pt2 (torch.export.save), read without running their code.",
+        show_default=False, metavar="MODEL...")],
     prefix: Annotated[str | None, typer.Option(
         "--prefix", metavar="NAME",
         help="Audit only this layer, named as in compare/normalize (features.1 finds "
-             "state_dict.model.features.1).")] = None,
+             "state_dict.model.features.1); in a .pt2, a module path or node name.")] = None,
     eps: Annotated[float | None, typer.Option(
         "--eps", callback=_eps, show_default="1e-5, assumed",
         help="The layers' eps (a state_dict does not store it); var_below_eps compares "
-             "running_var with it.")] = None,
+             "running_var with it. A .pt2 uses each BN node's own.")] = None,
     momentum: Annotated[str | None, typer.Option(
         "--momentum", metavar="FLOAT|none", show_default="0.1, assumed",
         help="The layers' momentum (not stored either; 'none' = cumulative average); "
-             "unconverged uses it.")] = None,
+             "unconverged uses it. A .pt2 uses each BN node's own.")] = None,
     fail_on: Annotated[FailOn, typer.Option(
         "--fail-on", help="Exit 1 on an error finding (default), or on any warning too (for CI).")
     ] = FailOn.error,
     as_json: JsonOpt = False,
 ) -> None:
-    """Audit every BatchNorm layer of CKPT: running stats, weights, counters.
+    """Audit every BatchNorm layer of MODEL: running stats, weights, counters.
 
-    One row per layer: C, num_batches_tracked, running_mean/var, weight, bias.
-    Then each finding: its code, the channels it concerns, and the fix.
+    MODEL is a checkpoint or a whole exported model (.pt2). One row per layer:
+    C, num_batches_tracked, running_mean/var, weight, bias (for a .pt2 also the
+    conv feeding it). Then each finding: its code, the channels it concerns,
+    and the fix. A .pt2 knows each layer's eps and momentum (its graph stores
+    them) and says when it was exported in train mode.
 
     Errors: shape_mismatch, non_finite_stats, negative_var, var_below_eps,
     never_updated. Warnings: dead_channel, unconverged (never_updated too when
@@ -62,6 +66,8 @@ def inspect(
 
         bncli inspect lightning.ckpt --prefix features.1 --json
 
+        bncli inspect model.pt2
+
         bncli inspect ckpts/*.pt --eps 1e-3 --momentum 0.01 --fail-on warning
     """
     from bncli.audit import DEFAULT_EPS, DEFAULT_MOMENTUM
@@ -69,6 +75,11 @@ def inspect(
 
     m = DEFAULT_MOMENTUM if momentum is None else parse_momentum(momentum)
     assumed = tuple(name for name, given in (("eps", eps), ("momentum", momentum)) if given is None)
+    if len(assumed) < 2 and any(p.suffix.lower() == ".pt2" for p in checkpoints):
+        from bncli.render import console
+
+        console(stderr=True).print("[yellow]Note:[/] --eps/--momentum apply to checkpoints; a .pt2 "
+                                   "is audited with each BN node's own eps and momentum.")
     reports = [audit_file(p, eps=DEFAULT_EPS if eps is None else eps, momentum=m, assumed=assumed,
                           prefix=prefix) for p in checkpoints]
     failed = [r for r in reports if r.fails(fail_on.value)]
@@ -86,7 +97,7 @@ def inspect(
             for part in audit_text(r, out.width):
                 out.print(part)
         if len(reports) > 1:
-            out.print(f"{len(reports) - len(failed)} of {len(reports)} checkpoints pass "
+            out.print(f"{len(reports) - len(failed)} of {len(reports)} files pass "
                       f"(--fail-on {fail_on.value}).")
     if failed:
         raise typer.Exit(1)
