@@ -8,7 +8,8 @@ Writes a synthetic CIFAR-like dataset (uint8, NHWC, 32x32x3; every image has its
 brightness offset, as real photos do) as ``--shards`` .npy files in a temporary folder,
 then compares with the exact statistics (integer sums, as fractions) over all of it:
 
-* ``bncli stats``: the library call behind the command (``--scale 255``);
+* ``bncli stats``: the library call behind the command (``--scale 255``), at three
+  chunk sizes (the result must not depend on them);
 * ``mean of per-image std``: the recipe behind the widely copied CIFAR-10 std
   (0.2023, 0.1994, 0.2010) -- it drops the spread *between* images;
 * ``mean of per-batch std``: a DataLoader loop that averages each batch's std, the
@@ -51,6 +52,10 @@ def make(folder: Path, images: int, shards: int, seed: int = 0) -> list[Path]:
     return paths
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=50_000)
@@ -72,13 +77,14 @@ def main() -> None:
                                     for a, q in zip(s1, s2, strict=True)], dtype=np.float64))
         data = raw.astype(np.float64) / 255
 
-        r = dataset_stats(paths, layout="nhwc", scale=255.0)
+        runs = {size: dataset_stats(paths, layout="nhwc", scale=255.0, chunk_bytes=size)
+                for size in (64 << 10, 8 << 20, 256 << 20)}
         f32 = data.astype(np.float32)
         f1 = f32.sum(axis=(0, 1, 2), dtype=np.float32)
         f2 = (f32 * f32).sum(axis=(0, 1, 2), dtype=np.float32)
         one_pass = np.sqrt(np.maximum(f2 / counts - (f1 / counts) ** 2, 0))
         recipes = {
-            "bncli stats (exact)": (r.moments.mean, r.moments.std),
+            **{f"bncli stats, chunk {_size(size)}": (r.mean, r.std) for size, r in runs.items()},
             "mean of per-image std": (data.mean(axis=(0, 1, 2)), data.std(axis=(1, 2)).mean(axis=0)),
             f"mean of per-batch std (batch {args.batch})": (
                 np.mean([b.mean(axis=(0, 1, 2)) for b in np.array_split(data, range(args.batch, len(data),

@@ -14,9 +14,12 @@ import numpy as np
 import torch
 
 from bncli import io
-from bncli.engine import STATE_KEYS, BatchNormConfig, BatchNormEngine, resolve_device, validate_input
-from bncli.errors import DTypeError, ShapeError, StateError
+from bncli.audit import LayerAudit, audit_layer
+from bncli.engine import BatchNormConfig, BatchNormEngine, resolve_device, validate_input
+from bncli.errors import DTypeError, OutputError, ShapeError, StateError
+from bncli.layers import bn_layers, find_layer, layer_listing, layer_tensors
 from bncli.moments import Moments
+from bncli.wording import plural
 
 
 @dataclass(frozen=True)
@@ -41,31 +44,16 @@ class LayerSource:
 
     description: str
     ignored_keys: list[str] = field(default_factory=list)
-
-
-def bn_layers(state: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
-    """The BatchNorm layers in a flat state_dict as (prefix, num_features).
-
-    A layer is a prefix with both ``running_mean`` and ``running_var`` (prefix ``""`` for
-    a bare BatchNorm2d state_dict).
-    """
-    layers = []
-    for key, value in state.items():
-        if key == "running_mean" or key.endswith(".running_mean"):
-            prefix = key[: -len("running_mean")].rstrip(".")
-            if f"{prefix}.running_var" in state or (not prefix and "running_var" in state):
-                layers.append((prefix, int(value.numel())))
-    return layers
-
-
-def _layer_listing(layers: list[tuple[str, int]], limit: int = 20) -> str:
-    shown = ", ".join(f"{p or '(top level)'} [C={c}]" for p, c in layers[:limit])
-    return shown + (f", ... ({len(layers)} in all)" if len(layers) > limit else "")
+    # The checkpoint layer's findings (bncli.audit), with this run's eps and momentum.
+    audit: LayerAudit | None = None
 
 
 def select_layer(state: Mapping[str, torch.Tensor], prefix: str | None,
                  source: str) -> tuple[dict[str, torch.Tensor], str]:
     """Pick one BatchNorm layer's tensors out of a state_dict or whole-model checkpoint.
+
+    ``prefix`` is matched by :func:`bncli.layers.find_layer` (containers and wrapper
+    prefixes understood); without one, a file with a single layer needs none.
 
     Returns:
         The layer's tensors under bare keys (``weight``, ``running_mean`` ...) and its prefix.
@@ -76,22 +64,10 @@ def select_layer(state: Mapping[str, torch.Tensor], prefix: str | None,
     layers = bn_layers(state)
     names = [p for p, _ in layers]
     if prefix is not None:
-        prefix = prefix.rstrip(".")
-        # Checkpoints nest a (Distributed)DataParallel state_dict, whose keys start with
-        # "module.", under "model"/"state_dict" (the ImageNet example does); users copy the
-        # prefix with or without that "module.".
-        wrappers = ("", "module.", "model.", "state_dict.", "model.module.", "state_dict.module.")
-        bases = dict.fromkeys((prefix, prefix.removeprefix("module.")))
-        candidates = [w + b for b in bases for w in wrappers]
-        found = next((c for c in candidates if c in names), None)
-        if found is None:
-            near = [p for p in names if p.endswith(prefix) or prefix in p]
-            hint = (f"Did you mean {near[0]!r}? " if near else "") + (
-                f"BatchNorm layers in this file: {_layer_listing(layers)}." if layers
-                else "This file holds no BatchNorm layer (no *.running_mean/*.running_var keys).")
-            raise StateError(f"{source}: no BatchNorm layer with prefix {prefix!r}.", hint=hint)
-        prefix = found
-    elif "" in names or any(k in state for k in ("weight", "bias")) and not layers:
+        prefix = find_layer(state, prefix, source)
+    elif "" in names or any(k in state for k in ("weight", "bias")) and not layers or not state:
+        # An empty state_dict is what nn.BatchNorm2d(affine=False, track_running_stats=False)
+        # saves (and load_state_dict accepts): a bare layer with nothing to load.
         prefix = ""
     elif len(layers) == 1:
         prefix = layers[0][0]
@@ -101,9 +77,8 @@ def select_layer(state: Mapping[str, torch.Tensor], prefix: str | None,
                               "or use --weight/--bias for the affine parameters only.")
     else:
         raise StateError(f"{source}: holds {len(layers)} BatchNorm layers; which one?",
-                         hint=f"Choose with --prefix, one of: {_layer_listing(layers)}.")
-    dot = f"{prefix}." if prefix else ""
-    return {k: state[dot + k] for k in STATE_KEYS if dot + k in state}, prefix
+                         hint=f"Choose with --prefix, one of: {layer_listing(layers)}.")
+    return layer_tensors(state, prefix), prefix
 
 
 def build_engine(opts: EngineOptions, *, data_channels: int | None, data_dtype: torch.dtype
@@ -118,7 +93,12 @@ def build_engine(opts: EngineOptions, *, data_channels: int | None, data_dtype: 
         flat = io.load_state_dict(opts.state)
         layer, prefix = select_layer(flat, opts.prefix, str(opts.state))
         where = f"layer {prefix!r} of " if prefix else ""
-        source = LayerSource(f"{where}{opts.state}")
+        audit = audit_layer(layer, prefix=prefix, eps=opts.eps, momentum=opts.momentum)
+        source = LayerSource(f"{where}{opts.state}", audit=audit)
+        # The engine refuses these too; the audit's words name the channels.
+        refused = next((f for f in audit.findings if f.code in ("shape_mismatch", "negative_var")), None)
+        if refused is not None:
+            raise StateError(f"{source.description}: {refused.message}", hint=refused.hint)
     elif opts.prefix is not None:
         raise StateError("--prefix was given without --state.",
                          hint="Pass the checkpoint with --state FILE --prefix NAME.")
@@ -136,14 +116,20 @@ def build_engine(opts: EngineOptions, *, data_channels: int | None, data_dtype: 
     device = resolve_device(opts.device)
     param_dtype = torch.float64 if data_dtype == torch.float64 else torch.float32
     engine = BatchNormEngine(config, device=device, param_dtype=param_dtype)
+    if opts.state is not None and not layer and (opts.affine or opts.track_running_stats):
+        raise StateError(f"{opts.state}: holds an empty state_dict (no weight, bias or running stats), "
+                         "as saved by a layer with --no-affine --no-track-running-stats.",
+                         hint="Use it with --no-affine --no-track-running-stats, "
+                              "or pass a state that holds what this layer uses.")
     if layer:
         source.ignored_keys = engine.load_state(layer, source=source.description)
     for name, spec in (("weight", opts.weight), ("bias", opts.bias)):
         if spec is not None:
             vec = torch.from_numpy(io.parse_vector(spec, name))
             if vec.numel() != c:
-                raise StateError(f"--{name} has {vec.numel()} values, but the layer has {c} channels.",
-                                 hint=f"Give exactly {c} values, one per channel.")
+                raise StateError(f"--{name} has {plural(vec.numel(), 'value')}, but the layer has "
+                                 f"{plural(c, 'channel')}.",
+                                 hint=f"Give exactly {plural(c, 'value')}, one per channel.")
             engine.set_affine(**{name: vec})
     return engine, source
 
@@ -193,13 +179,32 @@ def refuse_invalid(shape: tuple[int, ...], dtype: str, *, mode: str, layout: str
 
 
 def check_destinations(path: Path, output: Path, save_state: Path | None, *, force: bool) -> None:
-    """Refuse a bad output or --save-state path before any work (the input is never touched)."""
+    """Refuse a bad output or --save-state path before any work (the input is never touched).
+
+    Each destination must be new (or ``force``), not an input, and in a folder this user can
+    write to (probed by creating a file there), so no run fails after its work on a
+    destination that was never writable.
+    """
     io.check_output(output, force=force, protect=[path])
     if save_state is not None:
-        io.check_output(save_state, force=force, protect=[path, output], allowed=io.STATE_SUFFIXES)
         if Path(save_state).resolve() == Path(output).resolve():
-            raise StateError("--save-state and the output are the same file.",
-                             hint="Give them different names.")
+            raise OutputError("--save-state and the output are the same file.",
+                              hint="Give them different names.")
+        io.check_output(save_state, force=force, protect=[path, output], allowed=io.STATE_OUTPUT_SUFFIXES,
+                        option="--save-state")
+
+
+def commit_outputs(path: Path, write_output: Callable[[io.AtomicGroup], None],
+                   state: Callable[[], Mapping[str, torch.Tensor]], save_state: Path | None, *,
+                   force: bool) -> None:
+    """Stage the output (``write_output(group)``), then the state (``state()``, asked for after
+    the output is written), and rename both into place, or neither.
+    """
+    with io.AtomicGroup(force=force, protect=[path]) as group:
+        write_output(group)
+        if save_state is not None:
+            group.write(save_state, io.state_writer(state(), save_state), allowed=io.STATE_OUTPUT_SUFFIXES,
+                        option="--save-state")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -212,9 +217,9 @@ def _channels(shape: tuple[int, ...], layout: str) -> int | None:
     return shape[3] if layout == "nhwc" else shape[1]
 
 
-@dataclass
-class NormalizeResult:
-    """What ``normalize`` did, for rendering."""
+@dataclass(kw_only=True)
+class NormalizePlan:
+    """What ``normalize`` is about to do, known before the work starts (for a header)."""
 
     input: Path
     output: Path
@@ -225,27 +230,42 @@ class NormalizeResult:
     layout: str
     device: str
     source: LayerSource
+    state_path: Path | None
+    # How it runs: {"path": "in-memory"}, or out-of-core passes/chunk size (bncli.outofcore).
+    execution: dict[str, Any] = field(default_factory=lambda: {"path": "in-memory"})
+
+
+@dataclass(kw_only=True)
+class NormalizeResult(NormalizePlan):
+    """What ``normalize`` did, for rendering."""
+
     mean_before: np.ndarray
     std_before: np.ndarray
     mean_after: np.ndarray
     std_after: np.ndarray
     state: dict[str, torch.Tensor]
-    state_path: Path | None
-    # How it ran: {"path": "in-memory"}, or out-of-core passes/chunk size (bncli.outofcore).
-    execution: dict[str, Any] = field(default_factory=lambda: {"path": "in-memory"})
+
+
+#: Called once with the plan, after every check and before the passes over the data.
+StartFn = Callable[[NormalizePlan], None]
 
 
 def normalize_file(path: Path, output: Path, *, key: str | None, mode: str, layout: str,
                    opts: EngineOptions, force: bool, save_state: Path | None,
                    execution: str = "auto", chunk_bytes: int | None = None,
-                   progress: Callable[[str, int, int], None] | None = None) -> NormalizeResult:
+                   progress: Callable[[str, int, int], None] | None = None,
+                   on_start: StartFn | None = None) -> NormalizeResult:
     """Load, normalize through the engine, write atomically; the input is never touched.
 
     ``execution`` is ``auto``, ``in-memory`` or ``out-of-core``; a large ``.npy`` is
     streamed in two passes by :func:`bncli.outofcore.normalize_streamed` (see
     :func:`bncli.outofcore.use_out_of_core`), with ``chunk_bytes`` and ``progress``.
+    Every destination is checked before any work, and the output and ``save_state`` are
+    committed together (:class:`bncli.io.AtomicGroup`): both are written, or neither.
+    ``on_start`` gets the :class:`NormalizePlan` once the input is validated.
     """
     path, output = Path(path), Path(output)
+    io.require_file(path)  # an unreadable input is the error to report, not the output's
     check_destinations(path, output, save_state, force=force)
     if execution != "in-memory":
         from bncli import outofcore
@@ -254,7 +274,7 @@ def normalize_file(path: Path, output: Path, *, key: str | None, mode: str, layo
             return outofcore.normalize_streamed(
                 path, output, key=key, mode=mode, layout=layout, opts=opts, force=force,
                 save_state=save_state, chunk_bytes=chunk_bytes or outofcore.DEFAULT_CHUNK_BYTES,
-                progress=progress)
+                progress=progress, on_start=on_start)
     x, key = io.load_tensor(path, key)
     # Without running stats, eval mode also normalizes with batch statistics (train's rule).
     refuse_invalid(tuple(x.shape), _dtype_name(x.dtype), mode=mode if opts.track_running_stats else "train",
@@ -262,16 +282,19 @@ def normalize_file(path: Path, output: Path, *, key: str | None, mode: str, layo
     engine, source = build_engine(opts, data_channels=_channels(tuple(x.shape), layout),
                                   data_dtype=x.dtype)
     validate_input(tuple(x.shape), x.dtype, engine.config.num_features, mode, layout)
+    plan = NormalizePlan(input=path, output=output, key=key, shape=tuple(x.shape), dtype=_dtype_name(x.dtype),
+                         mode=mode, layout=layout, device=str(engine.device), source=source,
+                         state_path=save_state)
+    if on_start is not None:
+        on_start(plan)
     mean_b, std_b = channel_moments(x, layout)
     y = engine.apply(x, mode=mode, layout=layout)
     mean_a, std_a = channel_moments(y, layout)
-    io.save_tensor(y, output, key=key, force=force, protect=[path])
     state = engine.state_dict()
-    if save_state is not None:
-        io.save_state_dict(state, save_state, force=force, protect=[path, output])
-    return NormalizeResult(path, output, key, tuple(x.shape), _dtype_name(x.dtype),
-                           mode, layout, str(engine.device), source, mean_b, std_b, mean_a, std_a,
-                           state, save_state)
+    commit_outputs(path, lambda group: group.write(output, io.tensor_writer(y, output, key=key)),
+                   lambda: state, save_state, force=force)
+    return NormalizeResult(**vars(plan), mean_before=mean_b, std_before=std_b, mean_after=mean_a,
+                           std_after=std_a, state=state)
 
 
 @dataclass

@@ -7,15 +7,17 @@ a file has an *error* finding if and only if ``normalize`` would refuse it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bncli import io
 from bncli.errors import BncliError, KeyChoiceError, UnsafeFileError
 from bncli.moments import Moments
+from bncli.wording import plural, verb
 
 FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 CHANNEL_LIKE = (1, 3, 4)
@@ -61,26 +63,28 @@ def _err(code: str, message: str, hint: str) -> Finding:
     return Finding(code, "error", message, hint)
 
 
-def _not_4d(shape: tuple[int, ...]) -> Finding:
+def not_4d(shape: tuple[int, ...]) -> Finding:
+    """The ``not_4d`` error: PyTorch's rule first (what users search for), then what the shape is."""
     nd = len(shape)
     s = tuple(shape)
+    rule = f"BatchNorm2d expects 4D input (N, C, H, W), got {nd}D input"
     if nd == 0:
-        return _err("not_4d", "The input is a 0D scalar (a single number), not a batch of images.",
+        return _err("not_4d", f"{rule}: a 0D scalar (a single number), not a batch of images.",
                     "BatchNorm2d needs (N, C, H, W); save the whole tensor, not a reduced value.")
+    rule += f" of shape {s}"
     if nd == 1:
-        return _err("not_4d", f"The input is 1D, shape {s}: a vector, such as a layer's per-channel "
+        return _err("not_4d", f"{rule}: a vector, such as a layer's per-channel "
                     "weight, bias or running stats, not a batch of images.",
                     "BatchNorm2d needs (N, C, H, W). If this is a state vector, pass it with "
                     "--weight/--bias or --state instead.")
     if nd == 2:
-        return _err("not_4d", f"The input is 2D, shape {s}: (N, C) features belong to "
-                    "nn.BatchNorm1d, not BatchNorm2d.",
+        return _err("not_4d", f"{rule}: (N, C) features belong to nn.BatchNorm1d.",
                     "Use nn.BatchNorm1d for (N, C); for images, keep the (N, C, H, W) tensor "
                     "before it is flattened.")
     if nd == 3:
         c0, _, c2 = s
         if c2 in CHANNEL_LIKE and c0 not in CHANNEL_LIKE:
-            return _err("not_4d", f"The input is 3D, shape {s}: it looks like a single (H, W, C) "
+            return _err("not_4d", f"{rule}: it looks like a single (H, W, C) "
                         "image (channels last) with no batch dimension.",
                         "Add the batch axis and use channels-last: x[np.newaxis] in NumPy (shape "
                         f"(1, {s[0]}, {s[1]}, {s[2]})), then bncli normalize --layout nhwc.")
@@ -89,17 +93,15 @@ def _not_4d(shape: tuple[int, ...]) -> Finding:
         else:
             lead = ("it is either a single (C, H, W) image with no batch dimension, or an "
                     "(N, C, L) sequence batch, which belongs to nn.BatchNorm1d")
-        return _err("not_4d", f"The input is 3D, shape {s}: {lead}.",
+        return _err("not_4d", f"{rule}: {lead}.",
                     f"Add the batch axis: x.unsqueeze(0) in torch or x[np.newaxis] in NumPy, giving "
                     f"shape (1, {s[0]}, {s[1]}, {s[2]}). In train mode a batch of one image is "
                     "normalized with its own statistics; --mode eval uses running stats.")
     if nd == 5:
-        return _err("not_4d", f"The input is 5D, shape {s}: (N, C, D, H, W) volumes or video "
-                    "belong to nn.BatchNorm3d.",
+        return _err("not_4d", f"{rule}: (N, C, D, H, W) volumes or video belong to nn.BatchNorm3d.",
                     "Use nn.BatchNorm3d, or fold depth into the batch "
                     "(x.transpose(1, 2).reshape(N*D, C, H, W)) to apply BatchNorm2d per frame.")
-    return _err("not_4d", f"The input is {nd}D, shape {s}; BatchNorm2d needs exactly 4 axes "
-                "(N, C, H, W).", "Reshape to (N, C, H, W) before normalizing.")
+    return _err("not_4d", f"{rule}.", "Reshape to (N, C, H, W) before normalizing.")
 
 
 def check_shape(shape: tuple[int, ...], dtype: str, *, num_features: int | None = None,
@@ -119,7 +121,7 @@ def check_shape(shape: tuple[int, ...], dtype: str, *, num_features: int | None 
     shape = tuple(int(s) for s in shape)
     out: list[Finding] = []
     if len(shape) != 4:
-        out.append(_not_4d(shape))
+        out.append(not_4d(shape))
     if dtype not in FLOAT_NAMES:
         fix = ("x.astype(np.float32) / 255 (NumPy) or x.float() / 255 (torch) for 8-bit images"
                if dtype == "uint8" else "convert first: x.astype(np.float32) or x.float()")
@@ -131,11 +133,11 @@ def check_shape(shape: tuple[int, ...], dtype: str, *, num_features: int | None 
         if num_features is not None and c != num_features:
             other = shape[1] if layout == "nhwc" else shape[3]
             switch = "nchw" if layout == "nhwc" else "nhwc"
-            hint = (f"The {'axis 1' if layout == 'nhwc' else 'last axis'} has {other} values: "
+            hint = (f"The {'axis 1' if layout == 'nhwc' else 'last axis'} has {plural(other, 'value')}: "
                     f"try --layout {switch}." if other == num_features else
                     "Use the layer whose num_features matches (--prefix), or check the data.")
             axis = "last axis (NHWC)" if layout == "nhwc" else "axis 1 (NCHW)"
-            out.append(_err("channel_mismatch", f"The input has {c} channels on its {axis} "
+            out.append(_err("channel_mismatch", f"The input has {plural(c, 'channel')} on its {axis} "
                             f"(shape {shape}), but the layer expects num_features={num_features}.",
                             hint))
         if 0 in shape:
@@ -152,10 +154,10 @@ def check_shape(shape: tuple[int, ...], dtype: str, *, num_features: int | None 
         if layout == "nchw" and shape[3] in CHANNEL_LIKE and shape[1] not in CHANNEL_LIKE \
                 and not (num_features is not None and shape[1] == num_features):
             out.append(Finding("channels_last", "warning",
-                               f"The last axis has {shape[3]} values and axis 1 has {shape[1]}: "
+                               f"The last axis has {plural(shape[3], 'value')} and axis 1 has {shape[1]}: "
                                f"shape {shape} looks like channels-last (N, H, W, C) data, as "
                                "NumPy/PIL produce, read as NCHW it would have "
-                               f"{shape[1]} channels.",
+                               f"{plural(shape[1], 'channel')}.",
                                "If so, pass --layout nhwc (or x.permute(0, 3, 1, 2) in torch)."))
     return out
 
@@ -198,7 +200,8 @@ def value_findings(chunks: Iterable[np.ndarray], *, dtype: str = "float32",
     bad = nan + pos + neg
     if bad:
         out.append(Finding("non_finite", "warning",
-                           f"{bad} of {total} values are not finite ({nan} NaN, {pos} +Inf, {neg} -Inf); "
+                           f"{bad:,} of {plural(total, 'value')} {verb(bad, 'is', 'are')} not finite "
+                           f"({nan:,} NaN, {pos:,} +Inf, {neg:,} -Inf); "
                            "every output of an affected channel becomes NaN, and in train mode the "
                            "running stats are poisoned too.",
                            "Find where they come from (division by zero, log of 0, overflow in float16), "
@@ -211,7 +214,8 @@ def value_findings(chunks: Iterable[np.ndarray], *, dtype: str = "float32",
     if constant.size:
         out.append(Finding(
             "constant_channel", "warning",
-            f"{constant.size} of {moments.channels} channels hold one constant value (channel "
+            f"{constant.size} of {plural(moments.channels, 'channel')} {verb(constant.size, 'holds', 'hold')} "
+            "one constant value (channel "
             f"{_channel_list(constant)}): in train mode BatchNorm maps them to exactly their bias "
             "(0 by default), so they carry no information.",
             "Look for a dead, padded or zero-filled channel upstream (e.g. an alpha channel of 255s, "
@@ -226,7 +230,8 @@ def value_findings(chunks: Iterable[np.ndarray], *, dtype: str = "float32",
         worst = int(bad_ch[np.argmax(ratio[bad_ch])])
         out.append(Finding(
             "ill_conditioned", "warning",
-            f"{bad_ch.size} of {moments.channels} channels have a mean far larger than their spread "
+            f"{bad_ch.size} of {plural(moments.channels, 'channel')} {verb(bad_ch.size, 'has', 'have')} a mean "
+            f"far larger than {verb(bad_ch.size, 'its', 'their')} spread "
             f"(channel {worst}: mean {mean[worst]:.6g}, std {std[worst]:.3g}, |mean|/std = "
             f"{ratio[worst]:.3g}). Normalizing in {dtype} subtracts two nearly equal numbers: "
             f"expect a relative output error near {ratio[worst] * u:.1g}, in nn.BatchNorm2d too.",
@@ -251,8 +256,9 @@ def check_file(path: Path, *, key: str | None = None, num_features: int | None =
         hint = exc.hint or ""
         if "running_mean" in hint and key is None:
             # A model checkpoint passed where data was expected: say what it is for.
-            hint = ("This looks like a model checkpoint (it holds BatchNorm running stats): pass it to "
-                    "normalize/compare as --state FILE --prefix LAYER, and check the data file. " + hint)
+            hint = ("This looks like a model checkpoint (it holds BatchNorm running stats): audit it "
+                    f"with bncli inspect {path}, or pass it to normalize/compare as --state FILE "
+                    "--prefix LAYER, and check the data file. " + hint)
         report.findings.append(_err("ambiguous_key", exc.message, hint))
         return report
     except BncliError as exc:
@@ -263,14 +269,50 @@ def check_file(path: Path, *, key: str | None = None, num_features: int | None =
                                     "Check the path and its permissions."))
         return report
     report.shape, report.dtype, report.key = list(info.shape), info.dtype, info.key
-    report.findings.extend(check_shape(info.shape, info.dtype, num_features=num_features,
-                                       mode=mode, layout=layout))
-    if scan_values and info.dtype in FLOAT_NAMES and 0 not in info.shape:
+    return _complete(report, lambda: io.iter_chunks(Path(path), key), num_features=num_features,
+                     mode=mode, layout=layout, scan_values=scan_values)
+
+
+def _complete(report: Report, chunks: Callable[[], Iterable[np.ndarray]], *, num_features: int | None,
+              mode: str, layout: str, scan_values: bool) -> Report:
+    """Header findings for ``report.shape``/``dtype``, then (valid float data) the value scan."""
+    assert report.shape is not None and report.dtype is not None
+    shape, dtype = tuple(report.shape), report.dtype
+    report.findings.extend(check_shape(shape, dtype, num_features=num_features, mode=mode, layout=layout))
+    if scan_values and dtype in FLOAT_NAMES and 0 not in shape:
         try:
-            valid_4d = len(info.shape) == 4 and report.valid
-            report.findings.extend(value_findings(io.iter_chunks(Path(path), key), dtype=info.dtype,
-                                                  layout=layout if valid_4d else None))
+            valid_4d = len(shape) == 4 and report.valid
+            report.findings.extend(value_findings(chunks(), dtype=dtype, layout=layout if valid_4d else None))
         except BncliError as exc:
             report.findings.append(_err("unreadable", exc.message, exc.hint or ""))
     report.findings.sort(key=lambda f: f.severity != "error")
     return report
+
+
+def check_array(array: Any, *, name: str = "<array>", num_features: int | None = None,
+                mode: str = "train", layout: str = "nchw", scan_values: bool = True) -> Report:
+    """Diagnose an in-memory NumPy array (or torch tensor) exactly as :func:`check_file` a file.
+
+    torch is not imported: a tensor is recognised by its type's module and read through
+    ``.detach().cpu()`` (bfloat16 values widened to float32 for the scan, exactly).
+
+    Args:
+        array: The data.
+        name: What to call it in the report's ``path``.
+        num_features, mode, layout, scan_values: As for :func:`check_file`.
+    """
+    if type(array).__module__.split(".")[0] == "torch":
+        tensor = array.detach().cpu()
+        dtype, shape = str(tensor.dtype).removeprefix("torch."), list(tensor.shape)
+    else:
+        tensor = np.asarray(array)
+        dtype, shape = str(tensor.dtype), list(tensor.shape)
+
+    def values() -> list[np.ndarray]:
+        if isinstance(tensor, np.ndarray):
+            return [tensor]
+        return [(tensor.float() if dtype == "bfloat16" else tensor).numpy()]
+
+    report = Report(path=name, shape=[int(s) for s in shape], dtype=dtype)
+    return _complete(report, values, num_features=num_features, mode=mode, layout=layout,
+                     scan_values=scan_values)

@@ -31,7 +31,7 @@ from bncli.moments import Moments, block_moments, estimate_shift
 if TYPE_CHECKING:
     import torch
 
-    from bncli.core import EngineOptions, NormalizeResult
+    from bncli.core import EngineOptions, NormalizePlan, NormalizeResult
 
 #: Default chunk size: 8 MiB keeps the handful of chunks in flight far inside a 512 MB
 #: budget (next to ~220 MB for torch itself) and makes per-chunk overhead negligible.
@@ -61,6 +61,8 @@ def parse_size(text: str) -> int:
     if not match:
         raise ValueError(f"{text!r} is not a size; use e.g. 16M, 256MiB, 1G or a number of bytes.")
     value = float(match.group(1)) * 1024 ** " kmgt".index(match.group(2).lower() or " ")
+    if not np.isfinite(value):  # "9" * 400 parses as a float, then as infinity
+        raise ValueError(f"{text[:40]!r}{'...' if len(text) > 40 else ''} is too large a size.")
     if value < 1:
         raise ValueError(f"{text!r} is less than one byte.")
     return int(value)
@@ -174,7 +176,8 @@ def use_out_of_core(path: Path, output: Path, *, key: str | None = None, executi
 def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode: str = "train",
                        layout: str = "nchw", opts: EngineOptions | None = None, force: bool = False,
                        save_state: Path | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                       progress: ProgressFn | None = None, workers: int | None = None) -> NormalizeResult:
+                       progress: ProgressFn | None = None, workers: int | None = None,
+                       on_start: Callable[[NormalizePlan], None] | None = None) -> NormalizeResult:
     """Normalize a ``.npy`` too big for memory, as ``nn.BatchNorm2d`` would, in two passes.
 
     Pass 1 computes the exact per-channel batch mean and biased variance of the whole
@@ -186,6 +189,8 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
 
     The report's "after" statistics are derived from the exact input statistics and the
     affine map the chunks went through (``y = a * x + b`` per channel), not re-measured.
+    The output and ``save_state`` are committed together, or neither; ``on_start`` gets
+    the plan before the first pass.
 
     Raises:
         InputError, OutputError: The input/output cannot be streamed (see :func:`streamable`),
@@ -224,6 +229,13 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
         if progress:
             progress(task, done, raw.nbytes)
 
+    execution = {"path": "out-of-core", "passes": passes, "chunk_bytes": chunk_bytes,
+                 "workers": workers, "after_statistics": "derived"}
+    plan = core.NormalizePlan(input=path, output=output, key=None, shape=raw.shape, dtype=raw.dtype.name,
+                              mode=mode, layout=layout, device=str(engine.device), source=source,
+                              state_path=save_state, execution=execution)
+    if on_start is not None:
+        on_start(plan)
     threads = torch.get_num_threads()
 
     def one_thread() -> None:
@@ -232,45 +244,47 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
         # 5-10x slowdown. The setting is per thread, hence in each worker too.
         torch.set_num_threads(1)
 
+    before = Moments.empty(channels)
+    # The statistics the chunks are normalized with, set by the pass that computes them.
+    mean_t = var_t = torch.empty(0)
+
+    def write_output(group: io.AtomicGroup) -> None:
+        nonlocal mean_t, var_t
+        tmp = group.path(output)
+        if batch_stats:
+            task = "pass 1/2 statistics"
+            tick(task, 0)
+            done = 0
+            shift, items = shifted(blocks(), lambda b: b, layout)
+            for part in ordered_map(lambda b: block_moments(b, layout, extrema=False, shift=shift),
+                                     items, workers, one_thread):
+                before.merge(part)
+                done += part.count * channels * raw.dtype.itemsize
+                tick(task, done)
+            mean64, var64 = before.mean, before.var
+        else:
+            assert engine.module.running_mean is not None and engine.module.running_var is not None
+            mean64 = engine.module.running_mean.detach().cpu().double().numpy()
+            var64 = engine.module.running_var.detach().cpu().double().numpy()
+        mean_t, var_t = torch.from_numpy(mean64), torch.from_numpy(var64)
+        task = f"pass {passes}/{passes} normalize"
+        tick(task, 0)
+        with io.NpyWriter(tmp, raw.shape, raw.dtype) as writer:
+            _apply_pass(engine, blocks(), writer, mean_t, var_t, layout,
+                        None if batch_stats else before, workers, lambda done: tick(task, done))
+        if mode == "train":
+            engine.update_running_stats(mean_t, var_t, count)
+
     one_thread()
     try:
-        with io.atomic_output(output, force=force, protect=[path]) as tmp:
-            before = Moments.empty(channels)
-            if batch_stats:
-                task = "pass 1/2 statistics"
-                tick(task, 0)
-                done = 0
-                shift, items = shifted(blocks(), lambda b: b, layout)
-                for part in ordered_map(lambda b: block_moments(b, layout, extrema=False, shift=shift),
-                                         items, workers, one_thread):
-                    before.merge(part)
-                    done += part.count * channels * raw.dtype.itemsize
-                    tick(task, done)
-                mean64, var64 = before.mean, before.var
-            else:
-                assert engine.module.running_mean is not None and engine.module.running_var is not None
-                mean64 = engine.module.running_mean.detach().cpu().double().numpy()
-                var64 = engine.module.running_var.detach().cpu().double().numpy()
-            mean_t, var_t = torch.from_numpy(mean64), torch.from_numpy(var64)
-            task = f"pass {passes}/{passes} normalize"
-            tick(task, 0)
-            with io.NpyWriter(tmp, raw.shape, raw.dtype) as writer:
-                _apply_pass(engine, blocks(), writer, mean_t, var_t, layout,
-                            None if batch_stats else before, workers, lambda done: tick(task, done))
+        core.commit_outputs(path, write_output, engine.state_dict, save_state, force=force)
     finally:
         torch.set_num_threads(threads)
-    if mode == "train":
-        engine.update_running_stats(mean_t, var_t, count)
     state = engine.state_dict()
-    if save_state is not None:
-        io.save_state_dict(state, save_state, force=force, protect=[path, output])
+    mean64, var64 = mean_t.numpy(), var_t.numpy()
     mean_a, std_a = _after_moments(engine, before, mean64, var64)
-    result = core.NormalizeResult(
-        path, output, None, raw.shape, raw.dtype.name, mode, layout, str(engine.device), source,
-        before.mean, before.std, mean_a, std_a, state, save_state)
-    result.execution = {"path": "out-of-core", "passes": passes, "chunk_bytes": chunk_bytes,
-                        "workers": workers, "after_statistics": "derived"}
-    return result
+    return core.NormalizeResult(**vars(plan), mean_before=before.mean, std_before=before.std,
+                                mean_after=mean_a, std_after=std_a, state=state)
 
 
 def _apply_pass(engine: Any, blocks: Iterator[np.ndarray], writer: io.NpyWriter, mean: torch.Tensor,

@@ -6,7 +6,9 @@ never computes anything the engine should.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,9 +21,22 @@ BAR = "█"
 PARTIAL = " ▏▎▍▌▋▊▉"
 
 
+class _Console(Console):
+    """A rich Console that lets a closed pipe reach the command's error mapping.
+
+    rich turns a BrokenPipeError into ``SystemExit(1)``, the exit code of an expected
+    failure; ``bncli ... | head -1`` should instead exit as quietly as other Unix tools
+    (see :func:`bncli.commands.common.os_failure`).
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 def console(stderr: bool = False) -> Console:
     """A console on stdout (results) or stderr (messages); width from $COLUMNS if set."""
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    return _Console(stderr=stderr, highlight=False, soft_wrap=False)
 
 
 def fmt(value: float, digits: int = 4) -> str:
@@ -35,6 +50,14 @@ def fmt(value: float, digits: int = 4) -> str:
     if 1e-3 <= abs(value) < 1e5:
         return f"{value:.{digits}f}"
     return f"{value:.{max(digits - 2, 1)}e}"
+
+
+def size_text(nbytes: int) -> str:
+    """1.50 GiB, 16.00 MiB, 300 B."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= factor:
+            return f"{nbytes / factor:.2f} {unit}"
+    return f"{nbytes} B"
 
 
 def bar(value: float, top: float, width: int = 16) -> str:
@@ -81,14 +104,38 @@ def findings_text(report: Any) -> Text:
         text.append("FAIL ", style="bold red")
     text.append(f"{where}  shape {shape}  dtype {report.dtype or '?'}\n")
     for f in report.findings:
-        style = "red" if f.severity == "error" else "yellow"
-        text.append(f"  {f.severity}[{f.code}] ", style=f"bold {style}")
-        text.append(f"{f.message}\n")
-        text.append("    fix: ", style="cyan")
-        text.append(f"{f.hint}\n")
+        finding_text(f, text)
     return text
 
 
-def kv_line(pairs: Sequence[tuple[str, str]]) -> str:
-    """``key value · key value`` with bold keys, escaped."""
-    return "  ".join(f"[bold]{escape(k)}[/] {escape(v)}" for k, v in pairs)
+def finding_text(f: Any, text: Text, where: str = "") -> Text:
+    """Append ``  severity[code] (where: )message`` and ``    fix: hint`` to ``text``."""
+    style = "red" if f.severity == "error" else "yellow"
+    text.append(f"  {f.severity}[{f.code}] ", style=f"bold {style}")
+    if where:
+        text.append(f"{where}: ", style="bold")
+    text.append(f"{f.message}\n")
+    text.append("    fix: ", style="cyan")
+    text.append(f"{f.hint}\n")
+    return text
+
+
+def kv_line(pairs: Sequence[tuple[str, str]], width: int | None = None) -> str:
+    """``key value  key value`` with bold keys, escaped.
+
+    With ``width``, a line that would be wider breaks between pairs, never inside one
+    (``size 192.00`` / ``KiB``); continuation lines are indented by two spaces.
+    """
+    cells = [(f"{k} {v}", f"[bold]{escape(k)}[/] {escape(v)}") for k, v in pairs]
+    if width is None:
+        return "  ".join(markup for _, markup in cells)
+    lines: list[list[str]] = [[]]
+    used = 0
+    for plain, markup in cells:
+        need = len(plain) + (2 if lines[-1] else 0)
+        if lines[-1] and used + need > width:
+            lines.append([])
+            used, need = 2, len(plain)
+        lines[-1].append(markup)
+        used += need
+    return "\n  ".join("  ".join(line) for line in lines)

@@ -41,3 +41,14 @@ def batch(tmp_path: Path) -> Path:
     path = tmp_path / "batch.npy"
     np.save(path, x.astype(np.float32))
     return path
+
+
+@pytest.fixture(scope="session")
+def small_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/pt2_helpers.SmallNet (seed 0) exported with a dynamic batch axis, once per session.
+
+    Tests copy it before writing anything beside it.
+    """
+    from pt2_helpers import export, small_net
+
+    return export(small_net(), tmp_path_factory.mktemp("pt2") / "small.pt2")

@@ -50,7 +50,7 @@ def test_python_dash_m(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["normalize", "--help"], ["check-shape", "--help"],
-                                  ["compare", "--help"]])
+                                  ["compare", "--help"], ["inspect", "--help"]])
 def test_help_does_not_import_torch(args: list[str]) -> None:
     imported, line = probe(*args)
     assert not imported, line
@@ -61,6 +61,13 @@ def test_check_shape_npy_does_not_import_torch(tmp_path: Path) -> None:
     np.save(tmp_path / "ok.npy", np.zeros((2, 3, 4, 4), np.float32))
     np.save(tmp_path / "bad.npy", np.zeros((3, 4, 4), np.uint8))
     imported, line = probe("check-shape", str(tmp_path / "ok.npy"), str(tmp_path / "bad.npy"), "--json")
+    assert not imported, line
+    assert "EXIT=1" in line
+
+
+def test_inspect_on_a_data_npy_does_not_import_torch(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 4, 4), np.float32))
+    imported, line = probe("inspect", str(tmp_path / "x.npy"))
     assert not imported, line
     assert "EXIT=1" in line
 

@@ -295,7 +295,7 @@ def test_cli_out_of_core_and_in_memory_agree(runner: CliRunner, tmp_path: Path) 
     assert da["state"]["num_batches_tracked"] == db["state"]["num_batches_tracked"] == 1
     np.testing.assert_allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"), rtol=1e-5, atol=1e-5)
     text = runner.invoke(app, ["normalize", str(path), "-o", str(tmp_path / "c.npy"), "--out-of-core"])
-    assert "out-of-core 2 pass(es)" in text.stdout and text.stderr == ""
+    assert "out-of-core 2 passes, " in text.stdout and text.stderr == ""
 
 
 def test_cli_out_of_core_refusals(runner: CliRunner, tmp_path: Path) -> None:

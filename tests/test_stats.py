@@ -209,7 +209,8 @@ def test_channel_mismatch_between_shards(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("array", "error", "message"), [
-    (np.zeros((3, 4, 4), np.float32), ShapeError, "need a 4D"),
+    (np.zeros((3, 4, 4), np.float32), ShapeError,
+     r"BatchNorm2d expects 4D input \(N, C, H, W\), got 3D input of shape \(3, 4, 4\)"),
     (np.zeros((2, 3, 4, 4), bool), DTypeError, "dtype bool"),
     (np.zeros((0, 3, 4, 4), np.float32), ShapeError, "no values"),
 ])

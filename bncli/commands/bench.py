@@ -83,9 +83,11 @@ def bench(
         help="Replace the preset shapes' batch size N (e.g. --preset resnet50 --batch 8).")] = None,
     dtype: Annotated[list[DType] | None, typer.Option(
         "--dtype", help="dtype to time (repeatable); default: the preset's. Unsupported ones are skipped.")] = None,
-    mode: Annotated[Modes, typer.Option("--mode", "-m", help="train, eval or both.")] = Modes.both,
+    mode: Annotated[Modes, typer.Option("--mode", "-m", case_sensitive=False,
+                                        help="train, eval or both.")] = Modes.both,
     layout: Annotated[Layouts, typer.Option(
-        "--layout", help="nchw, nhwc (channels-last memory, as `normalize --layout nhwc`) or both.")] = Layouts.both,
+        "--layout", case_sensitive=False,
+        help="nchw, nhwc (channels-last memory, as `normalize --layout nhwc`) or both.")] = Layouts.both,
     backward: Annotated[bool, typer.Option(
         "--backward", help="Also time forward+backward of nn.BatchNorm2d (the engine has no autograd path).")] = False,
     compile_: Annotated[bool, typer.Option(
@@ -121,7 +123,7 @@ def bench(
 
         bncli bench --device cpu
 
-        bncli bench --device cuda --preset resnet50 --cuda-graphs --json -o h100.json
+        bncli bench --device cuda --preset resnet50 --cuda-graphs -o h100.json
 
         bncli bench --shape 8,3,224,224 --dtype float32 --mode train --threads 1
     """

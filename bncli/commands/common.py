@@ -1,22 +1,26 @@
-"""What every command shares: option types, value parsers, and error -> exit-code mapping.
+"""What every command shares: error -> exit-code mapping, and JSON on stdout.
 
-No torch here; commands import the core lazily inside their bodies.
+Option types and value parsers are in :mod:`bncli.commands.options`. No torch here;
+commands import the core lazily inside their bodies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
+import math
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import typer
 
+from bncli.commands import options
 from bncli.errors import BncliError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -24,68 +28,101 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Set by the top-level --debug flag (or BNCLI_DEBUG=1): show tracebacks.
 DEBUG = {"on": bool(os.environ.get("BNCLI_DEBUG"))}
 
-
-class Mode(str, Enum):
-    """train: batch statistics (running stats updated); eval: running statistics."""
-
-    train = "train"
-    eval = "eval"
-
-
-class Layout(str, Enum):
-    """nchw: (N, C, H, W), PyTorch's layout; nhwc: (N, H, W, C), NumPy/PIL/TF's."""
-
-    nchw = "nchw"
-    nhwc = "nhwc"
+#: Exit code of an internal error (a bug): sysexits' EX_SOFTWARE, apart from 1 (expected failure).
+EXIT_INTERNAL = 70
+#: Exit code when stdout is closed early (``| head``): 128 + SIGPIPE, what a shell reports for a
+#: Unix tool killed by SIGPIPE.
+EXIT_PIPE = 141
 
 
-class Device(str, Enum):
-    """Where the engine runs."""
-
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-    auto = "auto"
-
-
-def parse_momentum(value: str) -> float | None:
-    """``--momentum 0.1`` -> 0.1; ``none`` -> None (cumulative moving average)."""
-    if value.strip().lower() in ("none", "null", "cumulative"):
-        return None
+def __getattr__(name: str) -> Any:
+    """The option types moved to :mod:`bncli.commands.options`; importing them from here still works."""
     try:
-        m = float(value)
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a number; use a float in [0, 1] or 'none'.") from None
-    if not 0.0 <= m <= 1.0:
-        raise typer.BadParameter(f"{value} is outside [0, 1]; use e.g. 0.1 (PyTorch's default) or 'none'.")
-    return m
+        return getattr(options, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
-def parse_eps(value: float) -> float:
-    if not value > 0:
-        raise typer.BadParameter(f"eps must be > 0 (PyTorch's default is 1e-5), got {value}.")
-    return value
+def print_error(message: str, hint: str | None = None) -> None:
+    """One red ``Error:`` line and a ``Fix:`` line on stderr."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    # Wrapped to the terminal (COLUMNS, else 80 when stderr is a file), like every other line.
+    err = Console(stderr=True, highlight=False)
+    err.print(f"[bold red]Error:[/] {escape(message)}")
+    if hint:
+        err.print(f"[yellow]Fix:[/] {escape(hint)}")
 
 
 def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
     """Print one red error line (and the fix) on stderr; return the Exit to raise."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    err.print(f"[bold red]Error:[/] {escape(message)}")
-    if hint:
-        err.print(f"[yellow]Fix:[/] {escape(hint)}")
+    print_error(message, hint)
     return typer.Exit(code)
 
 
+def internal_error(exc: BaseException) -> typer.Exit:
+    """The one-line report of a bug (an exception that is no :class:`BncliError`)."""
+    detail = " ".join(str(exc).split())[:300]
+    return fail(f"internal error ({type(exc).__name__}{': ' + detail if detail else ''}).",
+                "This is a bug in bncli. Rerun with --debug (bncli --debug COMMAND ...) for the "
+                "traceback and report it with the command line.", EXIT_INTERNAL)
+
+
+def _errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's final flush of a dead stdout cannot fail."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # in-process (CliRunner): nothing to silence
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def os_failure(exc: OSError) -> typer.Exit:
+    """An OS error that escaped :mod:`bncli.io` (which maps file errors itself): stdout, or a path.
+
+    A closed pipe (``bncli ... | head -1``) exits quietly with :data:`EXIT_PIPE`, as a Unix
+    tool killed by SIGPIPE does; a full disk or other failure on stdout is one clear error.
+    """
+    if exc.errno == errno.EPIPE:
+        _silence_stdout()
+        return typer.Exit(EXIT_PIPE)
+    if exc.filename is None:
+        _silence_stdout()
+        return fail(f"cannot write to standard output: {exc.strerror or exc} [{_errno_name(exc)}].",
+                    "Free space on the device standard output goes to, or redirect it elsewhere "
+                    "(results already written to files are complete).")
+    return fail(f"{exc.filename}: {exc.strerror or exc} [{_errno_name(exc)}].",
+                "Check that the path exists and that you may read (or write) it.")
+
+
+def flush_stdout() -> None:
+    """Flush stdout now, inside the error mapping, not at interpreter exit where it cannot be reported."""
+    sys.stdout.flush()
+
+
 def handle_errors(func: F) -> F:
-    """Turn expected failures into a message + exit code; ``--debug`` keeps the traceback."""
+    """Map every failure to one message and an exit code; ``--debug`` keeps the traceback.
+
+    Expected failures (:class:`BncliError`) exit 1 with a fix; OS errors on stdout exit
+    quietly (closed pipe) or 1 (full disk); anything else is a bug: one ``internal error``
+    line and :data:`EXIT_INTERNAL`.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            flush_stdout()
+            return result
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # typer's own exits and usage errors (exit 2)
         except BncliError as exc:
             if DEBUG["on"]:
                 raise
@@ -100,6 +137,14 @@ def handle_errors(func: F) -> F:
             raise fail("Out of memory while processing the input.",
                        "Free memory, use a smaller input, or (for .npy) stream it: "
                        "bncli normalize --out-of-core.") from None
+        except OSError as exc:
+            if DEBUG["on"] and exc.errno != errno.EPIPE:
+                raise
+            raise os_failure(exc) from None
+        except Exception as exc:
+            if DEBUG["on"]:
+                raise
+            raise internal_error(exc) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -108,9 +153,32 @@ _SCALAR = r"(?:-?[0-9][0-9.eE+-]*|null|true|false)"
 _SCALAR_LIST = re.compile(rf"\[\s+({_SCALAR}(?:,\s+{_SCALAR})*)\s+\]")
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON data: arrays and tensors to lists, paths to str, NaN/Inf to None.
+
+    JSON has no NaN or Infinity; every command reports them as ``null`` (``--json`` output
+    is read by strict parsers), wherever they occur in the document.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
+        return jsonable(obj.tolist())
+    if hasattr(obj, "__fspath__"):
+        return os.fspath(obj)
+    if isinstance(obj, Enum):
+        return jsonable(obj.value)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
 def to_json(doc: Any) -> str:
     """Indented JSON with lists of numbers kept on one line (shapes, per-channel vectors)."""
-    text = json.dumps(doc, indent=2, allow_nan=False, default=_jsonable)
+    text = json.dumps(jsonable(doc), indent=2, allow_nan=False)
     return _SCALAR_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
 
 
@@ -119,62 +187,32 @@ def print_json(doc: Any) -> None:
     sys.stdout.write(to_json(doc) + "\n")
 
 
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "__fspath__"):
-        return os.fspath(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
 def finite_or_none(value: float) -> float | None:
     """JSON has no NaN/Inf: report them as null."""
-    import math
-
     return value if math.isfinite(value) else None
 
 
-# -- options shared by every command that builds an engine --------------------------------
-LAYER_PANEL = "BatchNorm2d layer (same names as the module's arguments)"
-# Annotated aliases so normalize and compare spell each flag (and its help) once.
-InputArg = Annotated[Path, typer.Argument(help="Tensor file: .npy, .pt/.pth, .npz or .safetensors.",
-                                          show_default=False, metavar="INPUT")]
-KeyOpt = Annotated[str | None, typer.Option(
-    "--key", "-k", help="Which tensor of a .pt/.npz/.safetensors that holds several (listed if ambiguous).")]
-ModeOpt = Annotated[Mode, typer.Option(
-    "--mode", "-m", help="train: batch statistics, running stats updated (a fresh module's default); "
-                         "eval: running statistics, as after model.eval().")]
-LayoutOpt = Annotated[Layout, typer.Option(
-    "--layout", help="nchw: (N, C, H, W); nhwc: channels-last (N, H, W, C) arrays, written back NHWC.")]
-EpsOpt = Annotated[float, typer.Option("--eps", callback=parse_eps,
-                                       help="Added to the variance for stability (BatchNorm2d eps).",
-    rich_help_panel=LAYER_PANEL)]
-MomentumOpt = Annotated[str, typer.Option(
-    "--momentum", metavar="FLOAT|none",
-    help="Running-stats update weight in [0, 1]; 'none' = cumulative average (1/num_batches_tracked).",
-    rich_help_panel=LAYER_PANEL)]
-AffineOpt = Annotated[bool, typer.Option("--affine/--no-affine",
-                                         help="Learnable per-channel weight and bias (BatchNorm2d affine).",
-    rich_help_panel=LAYER_PANEL)]
-TrackOpt = Annotated[bool, typer.Option(
-    "--track-running-stats/--no-track-running-stats",
-    help="Keep running mean/var; without them eval mode also uses batch statistics.",
-    rich_help_panel=LAYER_PANEL)]
-NumFeaturesOpt = Annotated[int | None, typer.Option(
-    "--num-features", "-C", min=1, help="Channel count C of the layer (default: from --state, else the data).",
-    rich_help_panel=LAYER_PANEL)]
-WeightOpt = Annotated[str | None, typer.Option(
-    "--weight", metavar="LIST|FILE", help="Per-channel weight (gamma): '1,0.5,2' or a 1D tensor file.",
-    rich_help_panel=LAYER_PANEL)]
-BiasOpt = Annotated[str | None, typer.Option(
-    "--bias", metavar="LIST|FILE", help="Per-channel bias (beta): '0,0.1,0' or a 1D tensor file.",
-    rich_help_panel=LAYER_PANEL)]
-StateOpt = Annotated[Path | None, typer.Option(
-    "--state", metavar="FILE",
-    help="state_dict or whole-model checkpoint (.pt/.safetensors) to take weight, bias and running stats from.",
-    rich_help_panel=LAYER_PANEL)]
-PrefixOpt = Annotated[str | None, typer.Option(
-    "--prefix", metavar="NAME", help="Layer in a model checkpoint, e.g. layer1.0.bn1 (lists the layers if wrong).",
-    rich_help_panel=LAYER_PANEL)]
-DeviceOpt = Annotated[Device, typer.Option("--device", help="Where to run; auto picks cuda/mps when available.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
+def state_findings(source: Any) -> list[dict[str, Any]]:
+    """The ``--state`` layer's audit findings (``bncli inspect``'s) for a JSON document."""
+    if getattr(source, "audit", None) is None:
+        return []
+    from bncli.audit import finding_dict
+
+    return [finding_dict(f) for f in source.audit.findings]
+
+
+@contextlib.contextmanager
+def primary_rank_reports() -> Iterator[None]:
+    """Under torchrun every rank raises the same error; only rank 0 prints it.
+
+    The other ranks exit 1 without a message, so the user sees one ``Error:`` line,
+    not one per process. Outside torchrun this does nothing.
+    """
+    try:
+        yield
+    except BncliError:
+        from bncli.distributed import env_rank
+
+        if env_rank() != 0:
+            raise typer.Exit(1) from None
+        raise

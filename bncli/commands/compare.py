@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bncli.commands.common import (
+from bncli.commands.common import finite_or_none, handle_errors, print_json, state_findings
+from bncli.commands.model_options import BatchSizeOpt, DataOpt, DropLastOpt
+from bncli.commands.options import (
     AffineOpt,
     BiasOpt,
     Device,
@@ -21,10 +23,7 @@ from bncli.commands.common import (
     StateOpt,
     TrackOpt,
     WeightOpt,
-    finite_or_none,
-    handle_errors,
     parse_momentum,
-    print_json,
 )
 
 
@@ -43,21 +42,35 @@ def compare(
     state: StateOpt = None,
     prefix: PrefixOpt = None,
     device: DeviceOpt = Device.cpu,
+    data: DataOpt = None,
+    batch_size: BatchSizeOpt = None,
+    drop_last: DropLastOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run INPUT through the same layer in train mode and in eval mode, and show the gap.
 
     Eval uses the running statistics as given (--state/--prefix, or a fresh module's
     mean 0 / var 1), not the ones the train pass updates; those are shown separately.
-    Nothing is written.
+    Nothing is written. With an exported model (MODEL.pt2) and --data, runs
+    the whole model in both modes and names the BN layer whose running
+    statistics break eval.
 
     Examples:
 
         bncli compare batch.npy
 
         bncli compare batch.npy --state model.pt --prefix layer1.0.bn1 --json
+
+        bncli compare model.pt2 --data batch.npy   # whole model, per BN layer
     """
+    if input.suffix.lower() == ".pt2":
+        from bncli.commands.compare_model import compare_model
+
+        return compare_model(input, data, key=key, batch_size=batch_size, drop_last=drop_last, as_json=as_json)
     from bncli import core
+    from bncli.commands.compare_model import refuse_model_options
+
+    refuse_model_options(input, data)
 
     opts = core.EngineOptions(
         eps=eps, momentum=parse_momentum(momentum), affine=affine,
@@ -70,28 +83,50 @@ def compare(
         _render(result)
 
 
+def state_notes(r: Any) -> list[str]:
+    """The checkpoint layer's audit findings (bncli inspect's), errors first, as sentences.
+
+    A finding about some channels says whether the largest |train - eval| falls on one.
+    """
+    import numpy as np
+
+    audit = r.source.audit
+    if audit is None:
+        return []
+    diff = r.max_abs_diff
+    worst = int(np.nanargmax(diff)) if diff.size and np.isfinite(diff).any() else None
+    lines = []
+    for f in audit.findings:
+        line = f"{f.severity}[{f.code}] {f.message}"
+        channels = getattr(f, "channels", ())
+        if worst is not None and worst in channels and len(channels) < len(diff):
+            line += f" Channel {worst} has the largest |train - eval| above."
+        lines.append(f"{line} Fix: {f.hint}")
+    return lines
+
+
 def explain(r: Any) -> list[str]:
-    """Plain-language reasons for the gap, from the numbers of this input."""
+    """Plain-language reasons for the gap, from the numbers of this input.
+
+    The state's own findings come first (a running_var below eps decides the gap more
+    than any convergence or n/(n-1) detail), then how train and eval mode differ.
+    """
     cfg = r.config
     n = r.count
-    lines = [f"Train mode normalizes each channel with this batch's own statistics: the mean and "
-             f"the biased variance over N*H*W = {n} values per channel."]
+    lines = state_notes(r)
+    lines.append(f"Train mode normalizes each channel with this batch's own statistics: the mean and "
+                 f"the biased variance over N*H*W = {n} values per channel.")
     if not cfg.track_running_stats:
         lines.append("track_running_stats is off, so eval mode ALSO uses batch statistics: "
                      "train and eval agree (up to rounding), and there is nothing to update.")
         return lines
     lines.append(f"Eval mode (model.eval()) uses running_mean/running_var from {r.source.description} "
                  "instead, so outputs differ wherever the running stats differ from this batch's.")
-    if r.running_mean is not None and (abs(r.running_mean).max() == 0 and (r.running_var == 1).all()):
+    if r.source.audit is None and r.running_mean is not None and (
+            abs(r.running_mean).max() == 0 and (r.running_var == 1).all()):
         lines.append("These are a fresh module's mean 0 / var 1, so eval mode barely changes the input "
                      "(y = x / sqrt(1 + eps) * weight + bias): a classic symptom of a model whose "
                      "BatchNorm layers were never trained or whose checkpoint was not loaded.")
-    steps = (r.num_batches_tracked_after or 1) - 1
-    if cfg.momentum is not None and 0 < steps and (1 - cfg.momentum) ** steps > 0.01:
-        left = (1 - cfg.momentum) ** steps
-        lines.append(f"These running stats have seen only {steps} train steps: with momentum "
-                     f"{cfg.momentum} the initial mean 0 / var 1 still weighs (1 - {cfg.momentum})^{steps} = "
-                     f"{left:.1%} in them, so they have not converged to the data's statistics.")
     if n > 1:
         lines.append(f"The running variance stores the UNBIASED batch variance (times n/(n-1) = "
                      f"{n}/{n - 1} = {n / (n - 1):.6g}), while normalization uses the biased one.")
@@ -128,6 +163,7 @@ def _to_json(r: Any) -> dict[str, Any]:
         "values_per_channel": r.count,
         "num_batches_tracked_after_train_step": r.num_batches_tracked_after,
         "max_abs_diff": finite_or_none(r.overall_max_abs_diff),
+        "state_findings": state_findings(r.source),
         "channels": channels,
         "explanation": explain(r),
     }
@@ -135,12 +171,13 @@ def _to_json(r: Any) -> dict[str, Any]:
 
 def _render(r: Any) -> None:
     import numpy as np
+    from rich.markup import escape
 
     from bncli.render import bar, console, fmt, kv_line, normalize_table
 
     out = console()
     out.print(kv_line([("input", str(r.input) + (f" [{r.key}]" if r.key else "")),
-                       ("shape", str(r.shape)), ("dtype", r.dtype), ("layout", r.layout)]))
+                       ("shape", str(r.shape)), ("dtype", r.dtype), ("layout", r.layout)], out.width))
     top = r.overall_max_abs_diff
     n = len(r.max_abs_diff)
     cols: list[tuple[str, Any]] = [("train mean", r.train_mean), ("train std", r.train_std),
@@ -149,7 +186,7 @@ def _render(r: Any) -> None:
     out.print(normalize_table(n, cols, "Output per channel: train mode vs eval mode",
                               picture=lambda ch: bar(float(r.max_abs_diff[ch]), top, 12)))
     where = str(int(np.nanargmax(r.max_abs_diff))) if n and np.isfinite(r.max_abs_diff).any() else "-"
-    out.print(kv_line([("largest |train - eval|", fmt(top)), ("at channel", where)]))
+    out.print(kv_line([("largest |train - eval|", fmt(top)), ("at channel", where)], out.width))
     used: list[tuple[str, Any]] = [("batch mean", r.batch_mean), ("batch var", r.batch_var)]
     if r.running_mean is not None:
         used += [("run mean", r.running_mean), ("run var", r.running_var),
@@ -161,4 +198,4 @@ def _render(r: Any) -> None:
     out.print(normalize_table(n, used, title))
     out.print("[bold]Why they differ[/]")
     for line in explain(r):
-        out.print(f"  • {line}")
+        out.print(f"  • {escape(line)}")

@@ -7,135 +7,101 @@ from typing import Annotated, Any
 
 import typer
 
-from bncli.commands.common import (
+from bncli.commands.common import handle_errors, primary_rank_reports, print_json
+from bncli.commands.options import (
+    ChunkSizeOpt,
+    ForceOpt,
+    GlobOpt,
+    InputsArg,
     JsonOpt,
     KeyOpt,
     Layout,
-    finite_or_none,
-    handle_errors,
-    print_json,
+    parse_scale,
 )
-
-
-def parse_chunk_size(value: str | None) -> int | None:
-    """``--chunk-size 8M`` -> bytes (typer parser; bad values exit 2)."""
-    if value is None:
-        return None
-    from bncli.outofcore import parse_size
-
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
-def _positive(value: float, name: str) -> float:
-    if not (value > 0 and value != float("inf")):
-        raise typer.BadParameter(f"{name} must be a positive number, got {value}.")
-    return value
-
-
-# The parser turns the text given ("8M") into the int of bytes the command receives.
-ChunkSizeOpt = Annotated[int | None, typer.Option(
-    "--chunk-size", metavar="SIZE", parser=parse_chunk_size,
-    help="Bytes read per chunk, e.g. 4M, 64MiB, 1G (default 8M). Peak memory is a few chunks.")]
 
 
 @handle_errors
 def stats(
-    inputs: Annotated[list[Path], typer.Argument(
-        help="Tensor files (shards) with the same channel count: .npy, .pt/.pth, .npz, .safetensors.",
-        show_default=False)],
+    inputs: InputsArg,
     key: KeyOpt = None,
-    layout: Annotated[Layout, typer.Option(
-        "--layout", help="nchw: (N, C, H, W); nhwc: channels-last (N, H, W, C) arrays.")] = Layout.nchw,
+    layout: Annotated[Layout | None, typer.Option(
+        "--layout", show_default=False, case_sensitive=False,
+        help="nchw: (N, C, H, W); nhwc: channels-last (N, H, W, C) arrays. Default nchw, with a "
+             "note for inputs that look channels-last.")] = None,
     chunk_size: ChunkSizeOpt = None,
     scale: Annotated[float, typer.Option(
-        "--scale", callback=lambda v: _positive(v, "--scale"),
-        help="Divide every value by this first, e.g. 255 for uint8 images fed through ToTensor().")] = 1.0,
+        "--scale", callback=parse_scale,
+        help="Divide the values of integer inputs by this first, e.g. 255 for uint8 images fed "
+             "through ToTensor(). Floating-point inputs are kept as they are.")] = 1.0,
+    allow_mixed_dtypes: Annotated[bool, typer.Option(
+        "--allow-mixed-dtypes",
+        help="Pool inputs of different dtypes (refused by default: [0, 255] integers and [0, 1] "
+             "floats give statistics of neither).")] = False,
+    glob: GlobOpt = None,
     save_state: Annotated[Path | None, typer.Option(
-        "--save-state", metavar="FILE",
+        "--save-state", metavar="FILE", readable=False,
         help="Write a BatchNorm2d state_dict (.pt/.safetensors) whose running_mean/running_var are "
              "these statistics, for `normalize --mode eval --state FILE`.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --save-state file.")] = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Exact per-channel count, mean, variance, std, min and max of one or many files.
+    """Exact per-channel count, mean, variance, std, min and max of a dataset.
 
-    Every value of every input counts once (shards of any size, any mix of formats),
-    with float64 accumulation and a numerically stable merge: the result equals a
-    float64 two-pass computation over all the data, whatever the chunking, with peak
-    memory bounded by --chunk-size. std is the biased one BatchNorm2d normalizes with;
-    var (n-1) is what it stores in running_var. Prints a ready-to-paste
-    transforms.Normalize line.
+    Every value of every input counts once (shards of any size, any mix of
+    formats), with float64 accumulation and a numerically stable merge: the
+    result equals the exact statistics of all the data to ~1e-15, whatever the
+    chunking, with peak memory bounded by --chunk-size. A folder means its
+    files (see --glob), in natural order.
+
+    Each input's header is checked first, as check-shape does: inputs that look
+    channels-last get a note unless --layout is given; mixed dtypes are refused.
+    std is the biased one BatchNorm2d normalizes with; var (n-1) is what it
+    stores in running_var. Prints a ready-to-paste transforms.Normalize line.
+
+    Under torchrun the ranks share the files and rank 0 prints the result, the
+    same as one process's: torchrun --nproc-per-node 4 -m bncli stats shards/
 
     Examples:
 
         bncli stats train_*.npy
 
-        bncli stats images_uint8.npy --layout nhwc --scale 255
+        bncli stats shards/ --layout nhwc --scale 255
 
-        bncli stats shards/*.safetensors --key images --save-state dataset_bn.pt --json
+        bncli stats shards/ --glob '*.safetensors' --key images --json
+
+        bncli stats shards/ --layout nhwc --scale 255 --save-state bn.pt
     """
-    from bncli import datastats, io
+    from bncli import datastats, distributed, io
     from bncli.outofcore import DEFAULT_CHUNK_BYTES
     from bncli.progress import progress_callback
 
-    if save_state is not None:  # refuse a bad destination before a long pass, not after
-        io.check_output(save_state, force=force, protect=inputs, allowed=io.STATE_SUFFIXES)
-    with progress_callback(enabled=not as_json) as progress:
-        result = datastats.dataset_stats(inputs, key=key, layout=layout.value,
-                                         chunk_bytes=chunk_size or DEFAULT_CHUNK_BYTES, scale=scale,
-                                         progress=progress)
-    if save_state is not None:
-        datastats.save_stats_state(result, save_state, force=force)
-    if as_json:
-        print_json(_to_json(result, save_state))
-    else:
-        _render(result, save_state)
+    def check_destination() -> None:  # rank 0 writes, so rank 0 checks; before a long pass
+        if save_state is not None and world.is_primary:
+            io.check_output(save_state, force=force, protect=inputs, allowed=io.STATE_OUTPUT_SUFFIXES,
+                            option="--save-state")
 
-
-def _to_json(r: Any, save_state: Path | None) -> dict[str, Any]:
-    m = r.moments
-
-    def lst(a: Any) -> list[float | None]:
-        return [finite_or_none(float(v)) for v in a]
-
-    return {
-        "inputs": [{"path": str(s.path), "key": s.key, "shape": list(s.shape), "dtype": s.dtype,
-                    "bytes": s.nbytes} for s in r.inputs],
-        "layout": r.layout,
-        "channels": m.channels,
-        "count": m.count,
-        "scale": r.scale,
-        "mean": lst(m.mean),
-        "var": lst(m.var),
-        "var_unbiased": lst(m.var_unbiased),
-        "std": lst(m.std),
-        "std_unbiased": lst(m.std_unbiased),
-        "min": lst(m.minimum),
-        "max": lst(m.maximum),
-        "non_finite": [int(v) for v in m.non_finite],
-        "normalize": r.normalize_line(),
-        "save_state": str(save_state) if save_state else None,
-        "chunk_bytes": r.chunk_bytes,
-        "notes": r.notes,
-    }
-
-
-def _size(nbytes: int) -> str:
-    """1.50 GiB, 16.00 MiB, 300 B."""
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= factor:
-            return f"{nbytes / factor:.2f} {unit}"
-    return f"{nbytes} B"
+    with primary_rank_reports(), distributed.session() as world:
+        world.gather(check_destination)
+        with progress_callback(enabled=world.is_primary and not as_json) as progress:
+            result = datastats.dataset_stats(
+                inputs, key=key, layout=layout.value if layout else None, scale=scale, glob=glob,
+                allow_mixed_dtypes=allow_mixed_dtypes, chunk_bytes=chunk_size or DEFAULT_CHUNK_BYTES,
+                progress=progress, world=world)
+        if not world.is_primary:
+            return
+        if save_state is not None:
+            datastats.save_stats_state(result, save_state, force=force)
+        if as_json:
+            print_json({**result.to_dict(), "save_state": str(save_state) if save_state else None})
+        else:
+            _render(result, save_state)
 
 
 def _render(r: Any, save_state: Path | None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from bncli.render import console, fmt, kv_line, rows_to_show
+    from bncli.render import console, fmt, kv_line, rows_to_show, size_text
 
     out, err = console(), console(stderr=True)
     m = r.moments
@@ -145,10 +111,14 @@ def _render(r: Any, save_state: Path | None) -> None:
             out.print(f"  ... {len(r.inputs) - 7} more")
             continue
         out.print(kv_line([("input", str(s.path) + (f" [{s.key}]" if s.key else "")),
-                           ("shape", str(s.shape)), ("dtype", s.dtype), ("size", _size(s.nbytes))]))
-    out.print(kv_line([("files", str(len(r.inputs))), ("total", _size(r.total_bytes)),
+                           ("shape", str(s.shape)), ("dtype", s.dtype), ("size", size_text(s.nbytes))],
+                          out.width))
+    scaled = [s for s in r.inputs if s.scale != 1.0]
+    divided = "divided by" if len(scaled) == len(r.inputs) else "integer inputs divided by"
+    out.print(kv_line([("files", str(len(r.inputs))), ("total", size_text(r.total_bytes)),
                        ("layout", r.layout), ("values per channel", f"{m.count:,}")]
-                      + ([("scale", f"divided by {r.scale:g}")] if r.scale != 1.0 else [])))
+                      + ([("scale", f"{divided} {r.scale:g}")] if scaled else [])
+                      + ([("ranks", str(r.ranks))] if r.ranks > 1 else []), out.width))
     cols = [("mean", m.mean), ("std", m.std), ("var", m.var), ("var (n-1)", m.var_unbiased),
             ("min", m.minimum), ("max", m.maximum)]
     if m.non_finite.any():
@@ -167,9 +137,13 @@ def _render(r: Any, save_state: Path | None) -> None:
     out.print(table)
     line = r.normalize_line()
     if line:
+        if len(line) > out.width and ", std=" in line:
+            # Still valid Python to paste, broken inside the parentheses instead of mid-number.
+            head, tail = line.split(", std=", 1)
+            line = f"{head},\n{' ' * len('transforms.Normalize(')}std={tail}"
         out.print(line, markup=False, highlight=False, soft_wrap=True)
     if save_state is not None:
-        out.print(kv_line([("wrote", str(save_state))]))
+        out.print(kv_line([("wrote", str(save_state))], out.width))
         out.print(f"use it: bncli normalize DATA --mode eval --state {save_state}",
                   markup=False, highlight=False, soft_wrap=True)
     for note in r.notes:

@@ -19,12 +19,25 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from bncli.errors import InputError, KeyChoiceError, UnsafeFileError
+from bncli.io.oserrors import input_error
 
 if TYPE_CHECKING:
     import torch
 
-TENSOR_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
-STATE_SUFFIXES = (".pt", ".pth", ".safetensors")
+# torch.save files: .pt/.pth, and Lightning's .ckpt (a torch.save of a dict holding
+# "state_dict"). Read only: bncli writes .pt/.pth, never a .ckpt Lightning could not load.
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
+TENSOR_SUFFIXES = (".npy", ".npz", *TORCH_SUFFIXES, ".safetensors")
+STATE_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors")
+OUTPUT_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+STATE_OUTPUT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+# Keys under which checkpoints nest a model's state_dict ({"model": ...}, {"state_dict": ...},
+# the tutorials' {"model_state_dict": ...}; Lightning's state_dict keys start with the
+# LightningModule's attribute, most often "model"), and the attributes wrappers insert
+# into every key: DataParallel/DDP "module", torch.compile "_orig_mod".
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "_orig_mod")
+WRAPPER_ATTRS = ("module", "_orig_mod")
 
 # safetensors dtype tag -> (numpy dtype or None, bncli dtype name)
 _ST_DTYPES: dict[str, tuple[str | None, str]] = {
@@ -66,20 +79,33 @@ def suffix_of(path: Path, allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> str:
     return suffix
 
 
-def _require_file(path: Path) -> None:
-    if not path.exists():
-        raise InputError(f"{path}: no such file.", hint="Check the path (and the current directory).")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a tensor file.", hint="Pass a file inside it.")
+def require_file(path: Path) -> None:
+    """An existing, readable file, or the InputError that says which of these it is not.
+
+    Opening it here, once, means a file this user may not read (or in a folder it may not
+    search) is reported as such, whatever loader would have opened it next.
+    """
+    try:
+        if not path.exists():
+            raise InputError(f"{path}: no such file.", hint="Check the path (and the current directory).")
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory, not a tensor file.", hint="Pass a file inside it.")
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise input_error(path, exc) from None
 
 
 def _unsafe(path: Path, why: str) -> UnsafeFileError:
+    hint = ("Re-save the data as plain tensors (np.save of a numeric array, "
+            "torch.save(tensor or state_dict), or .safetensors) from a trusted environment.")
+    if path.suffix.lower() == ".ckpt":
+        # Lightning checkpoints fail this way when hyper_parameters hold Python objects.
+        hint = ("In a trusted environment, keep only the weights: torch.save(torch.load(CKPT, "
+                "weights_only=False)['state_dict'], 'weights.pt'), then pass weights.pt.")
     return UnsafeFileError(
         f"{path}: refused to load: {why}. Loading it would need pickle, which can run "
-        "arbitrary code, so bncli does not.",
-        hint="Re-save the data as plain tensors (np.save of a numeric array, "
-             "torch.save(tensor or state_dict), or .safetensors) from a trusted environment.",
-    )
+        "arbitrary code, so bncli does not.", hint=hint)
 
 
 def _torch_dtype_name(dtype: Any) -> str:
@@ -188,6 +214,29 @@ def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
             _flatten(v, f"{prefix}.{i}" if prefix else str(i), out)
 
 
+def split_container(prefix: str) -> tuple[str, str]:
+    """Split a flat key prefix into its leading container keys and the rest.
+
+    Example:
+        ``split_container("state_dict.model.features.1") == ("state_dict.model", "features.1")``
+    """
+    parts = prefix.split(".") if prefix else []
+    i = 0
+    while i < len(parts) and parts[i] in CONTAINER_KEYS:
+        i += 1
+    return ".".join(parts[:i]), ".".join(parts[i:])
+
+
+def layer_name(prefix: str) -> str:
+    """A layer's name as the model spells it: container keys and wrapper attributes removed.
+
+    ``state_dict.model.features.1``, ``module.features.1`` and ``features._orig_mod.1``
+    all name ``features.1``; :func:`bncli.audit.find_layer` matches ``--prefix`` this way.
+    """
+    _, rest = split_container(prefix)
+    return ".".join(p for p in rest.split(".") if p and p not in WRAPPER_ATTRS)
+
+
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a .pt file under dotted keys ('' for a bare tensor)."""
     import torch
@@ -242,7 +291,7 @@ def peek(path: Path, key: str | None = None) -> TensorInfo:
         InputError, UnsafeFileError, KeyChoiceError: see the messages.
     """
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     suffix = suffix_of(path)
     if suffix == ".npy":
         info = _npy_info(path)
@@ -271,9 +320,9 @@ def load_tensor(path: Path, key: str | None = None) -> tuple[torch.Tensor, str |
     import torch
 
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     suffix = suffix_of(path)
-    if suffix == ".pt" or suffix == ".pth":
+    if suffix in TORCH_SUFFIXES:
         tensors = _torch_load(path)
         members = [(k, tuple(v.shape), _torch_dtype_name(v.dtype)) for k, v in tensors.items()]
         chosen = _choose(path, members, key)
@@ -295,7 +344,7 @@ def load_tensor(path: Path, key: str | None = None) -> tuple[torch.Tensor, str |
 def load_numpy(path: Path, key: str | None = None, *, mmap: bool = False) -> tuple[np.ndarray, str | None]:
     """Load a ``.npy``/``.npz`` array with ``allow_pickle=False`` (``mmap`` for .npy)."""
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     suffix = suffix_of(path, (".npy", ".npz"))
     if suffix == ".npy":
         _npy_info(path)  # refuses pickles and object arrays with a clear reason
@@ -317,13 +366,16 @@ def load_numpy(path: Path, key: str | None = None, *, mmap: bool = False) -> tup
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A flat ``{dotted.key: tensor}`` view of a state_dict or checkpoint (.pt/.safetensors).
+    """A flat ``{dotted.key: tensor}`` view of a state_dict or checkpoint.
 
-    Nested checkpoints (``{"model": state_dict, "epoch": 3}``) flatten to
-    ``model.layer1.0.bn1.weight`` style keys.
+    Reads ``.pt``/``.pth``, Lightning ``.ckpt`` and ``.safetensors``. Nested checkpoints
+    (``{"model": state_dict, "epoch": 3}``, Lightning's ``{"state_dict": {"model.x": ...},
+    ...}``) flatten to ``model.layer1.0.bn1.weight`` style keys; non-tensor values (epoch,
+    hyper-parameters) are dropped. Keys are kept as stored: :func:`layer_name` gives the
+    name without containers and wrappers (``module.``, ``_orig_mod.``).
     """
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     suffix = suffix_of(path, STATE_SUFFIXES)
     if suffix == ".safetensors":
         from safetensors import SafetensorError

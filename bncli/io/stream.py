@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from bncli.errors import InputError, OutputError
+from bncli.wording import plural
 
 if TYPE_CHECKING:
     pass
@@ -137,9 +138,9 @@ def raw_tensor(path: Path, key: str | None = None) -> RawTensor | None:
                         bfloat16=tag == "BF16")
     size = path.stat().st_size
     if raw.offset + raw.nbytes > size:
-        raise InputError(f"{path}: truncated: its header promises {raw.nbytes} bytes of data "
+        raise InputError(f"{path}: truncated: its header promises {plural(raw.nbytes, 'byte')} of data "
                          f"for shape {raw.shape} {info.dtype}, but the file ends after "
-                         f"{max(size - raw.offset, 0)}.",
+                         f"{plural(max(size - raw.offset, 0), 'byte')}.",
                          hint="The copy or download was cut short; re-create the file.")
     return raw
 
@@ -239,7 +240,7 @@ class NpyWriter:
             return
         try:
             if self.written != self.nbytes:
-                raise OutputError(f"{self.path}: only {self.written} of {self.nbytes} bytes were written.",
+                raise OutputError(f"{self.path}: only {self.written:,} of {plural(self.nbytes, 'byte')} were written.",
                                   hint="This is a bug in bncli; please report it with --debug.")
             os.fsync(self._fh.fileno())
         finally:

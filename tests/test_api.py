@@ -1,0 +1,134 @@
+"""The Python API at the package root: bncli.check_shape, bncli.dataset_stats, and a light `import bncli`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import bncli
+from bncli import api, datastats
+from bncli.cli import app
+
+
+def test_import_bncli_is_light() -> None:
+    code = ("import sys, bncli; light = not ({'torch', 'numpy'} & set(sys.modules)); "
+            "f = bncli.check_shape; print(light, 'torch' in sys.modules, sorted(bncli.__all__) == sorted("
+            "n for n in dir(bncli) if n in bncli.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "False", "True"], out.stderr
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'normalise'"):
+        bncli.normalise  # noqa: B018
+
+
+def test_check_shape_of_a_file_is_what_the_cli_reports(runner: CliRunner, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((4, 32, 32, 3), np.float32))
+    report = bncli.check_shape(tmp_path / "x.npy")
+    assert isinstance(report, bncli.Report) and report.valid
+    assert [(f.code, f.severity) for f in report.findings] == [("channels_last", "warning"),
+                                                                 ("constant_channel", "warning")]
+    res = runner.invoke(app, ["check-shape", str(tmp_path / "x.npy"), "--json"])
+    assert json.loads(res.stdout) == [report.to_dict()]
+    assert bncli.check_shape(str(tmp_path / "x.npy"), layout="nhwc", scan=False).findings == []
+
+
+@pytest.mark.parametrize(("array", "codes"), [
+    (np.zeros((3, 32, 32), np.float32), ["not_4d"]),
+    (np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4), ["not_float"]),
+    (np.full((1, 3, 1, 1), 2.0), ["one_value_per_channel"]),
+    (np.array([[[[np.nan, 1.0], [2.0, 3.0]]]]), ["non_finite"]),
+    (np.random.default_rng(0).normal(size=(2, 3, 4, 4)), []),
+])
+def test_check_shape_of_an_array_equals_check_shape_of_its_file(tmp_path: Path, array: np.ndarray,
+                                                                 codes: list[str]) -> None:
+    from_array = bncli.check_shape(array)
+    assert [f.code for f in from_array.findings] == codes
+    assert from_array.valid == (codes in ([], ["non_finite"]))
+    np.save(tmp_path / "a.npy", array)
+    from_file = bncli.check_shape(tmp_path / "a.npy")
+    assert {**from_array.to_dict(), "path": None} == {**from_file.to_dict(), "path": None}
+    assert from_array.path == "<array>"
+
+
+def test_check_shape_of_a_torch_tensor() -> None:
+    t = torch.randn(2, 3, 4, 4).bfloat16()
+    t[0, 0, 0, 0] = float("inf")
+    report = bncli.check_shape(t, mode="eval", num_features=3)
+    assert report.dtype == "bfloat16" and report.shape == [2, 3, 4, 4]
+    assert [f.code for f in report.findings] == ["non_finite"]
+    wrong = bncli.check_shape(torch.zeros(2, 4, 4, 3), num_features=3)
+    assert [f.code for f in wrong.findings][0] == "channel_mismatch"
+    assert "--layout nhwc" in wrong.findings[0].hint
+
+
+def test_dataset_stats(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    (tmp_path / "d").mkdir()
+    parts = [rng.integers(0, 256, (n, 6, 6, 3), dtype=np.uint8) for n in (3, 1, 4)]
+    for i, p in enumerate(parts):
+        np.save(tmp_path / "d" / f"part_{i}.npy", p)
+    r = bncli.dataset_stats(tmp_path / "d", layout="nhwc", scale=255)
+    assert isinstance(r, bncli.StatsResult)
+    whole = np.concatenate(parts) / 255.0
+    np.testing.assert_allclose(r.mean, whole.mean(axis=(0, 1, 2)), rtol=1e-14)
+    np.testing.assert_allclose(r.var, whole.var(axis=(0, 1, 2)), rtol=1e-13)
+    np.testing.assert_allclose(r.std, whole.std(axis=(0, 1, 2)), rtol=1e-13)
+    np.testing.assert_allclose(r.var_unbiased, whole.var(axis=(0, 1, 2), ddof=1), rtol=1e-13)
+    assert r.count == 8 * 36 and r.channels == 3
+    assert r.normalize_line() == ("transforms.Normalize(mean=[" + ", ".join(f"{v:.6g}" for v in r.mean)
+                                  + "], std=[" + ", ".join(f"{v:.6g}" for v in r.std) + "])")
+    same = bncli.dataset_stats([str(tmp_path / "d" / f"part_{i}.npy") for i in range(3)], layout="nhwc", scale=255)
+    np.testing.assert_array_equal(same.moments.pack(), r.moments.pack())
+    with pytest.raises(ValueError, match="layout must be 'nchw' or 'nhwc'"):
+        bncli.dataset_stats(tmp_path / "d", layout="NHWC")
+    assert bncli.dataset_stats is datastats.dataset_stats  # the function the command calls
+
+
+def test_dataset_stats_json_is_the_cli_json(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    np.save(tmp_path / "a.npy", np.random.default_rng(2).normal(size=(3, 2, 4, 4)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    cli = json.loads(runner.invoke(app, ["stats", "a.npy", "--json"]).stdout)
+    assert cli == {**bncli.dataset_stats("a.npy").to_dict(), "save_state": None}
+
+
+def test_the_cli_calls_the_api(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4, 4), np.float32))
+    calls: list[str] = []
+
+    def spy(name: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(api, "check_shape", spy("check_shape", api.check_shape))
+    monkeypatch.setattr(datastats, "dataset_stats", spy("dataset_stats", datastats.dataset_stats))
+    assert runner.invoke(app, ["check-shape", str(tmp_path / "a.npy"), str(tmp_path / "a.npy")]).exit_code == 0
+    assert runner.invoke(app, ["stats", str(tmp_path)]).exit_code == 0
+    assert calls == ["check_shape", "dataset_stats"]  # the duplicate input is checked once
+
+
+def test_readme_api_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python API session, run as a doctest from the repo root (it only reads)."""
+    import doctest
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Python API"):]
+    block = re.search(r"```pycon\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    monkeypatch.chdir(root)
+    test = doctest.DocTestParser().get_doctest(block.group(1), {}, "README", "README.md", 0)
+    results = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE).run(test)
+    assert results.attempted >= 10 and results.failed == 0
