@@ -25,6 +25,7 @@ from bncli import fastpath
 from bncli.engine import BatchNormConfig, BatchNormEngine, resolve_device
 from bncli.errors import ShapeError
 from bncli.timing import TIMING_KEYS, Case, Timing, num_threads, time_cases
+from bncli.wording import plural, verb
 
 SCHEMA = "bncli.bench/1"
 Shape = tuple[int, int, int, int]
@@ -427,7 +428,8 @@ def _health_notes(rows: list[Row], env_copy_gbs: float, threads: int = 2, pinned
     noisy = {id(r) for r in rows for t in r.timings.values() if t.iqr > 0.1 * t.median}
     if noisy:
         advice = "Re-run on an idle machine." if pinned else "Re-run, or pin threads (--threads)."
-        notes.append(f"{len(noisy)} of {len(rows)} rows have a variant whose IQR exceeds 10% of its median: "
+        notes.append(f"{len(noisy)} of {plural(len(rows), 'row')} {verb(len(noisy), 'has', 'have')} a variant "
+                     "whose IQR exceeds 10% of its median: "
                      f"the machine was busy. {advice}")
     # A stall can also be steady (low IQR): with several threads, a worker that another process
     # keeps off its core delays every parallel region by a scheduler tick. The copy of the same
@@ -438,7 +440,7 @@ def _health_notes(rows: list[Row], env_copy_gbs: float, threads: int = 2, pinned
         stalled = [r for r, g in big if g < typical / 4]
         if stalled:
             advice = "Re-run on an idle machine" + (", or use --threads 1." if threads > 1 else ".")
-            notes.append(f"{len(stalled)} of {len(rows)} rows copied at under a quarter of the typical "
+            notes.append(f"{len(stalled)} of {plural(len(rows), 'row')} copied at under a quarter of the typical "
                          f"{typical:.1f} GB/s: the CPU was taken by another process while they ran, so their "
                          "absolute times are not representative (their ratios still are: variants run "
                          f"interleaved). {advice}")

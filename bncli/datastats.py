@@ -145,6 +145,22 @@ class StatsResult:
     def var_unbiased(self) -> np.ndarray:
         return self.moments.var_unbiased
 
+    @property
+    def minimum(self) -> np.ndarray:
+        """Per-channel minimum ignoring NaN; NaN for a channel that holds nothing but NaN."""
+        return self._extreme(self.moments.minimum)
+
+    @property
+    def maximum(self) -> np.ndarray:
+        """Per-channel maximum ignoring NaN; NaN for a channel that holds nothing but NaN."""
+        return self._extreme(self.moments.maximum)
+
+    def _extreme(self, values: np.ndarray) -> np.ndarray:
+        # Moments start at min +inf / max -inf and NaN never replaces them, so a channel
+        # without one non-NaN value would report min inf > max -inf.
+        m = self.moments
+        return np.where(m.minimum > m.maximum, np.nan, values)
+
     def normalize_line(self, digits: int = 6) -> str | None:
         """``transforms.Normalize(mean=[...], std=[...])`` with the biased std; None if not finite."""
         mean, std = self.moments.mean, self.moments.std
@@ -162,7 +178,7 @@ class StatsResult:
             "channels": m.channels, "count": m.count, "scale": self.scale,
             "mean": _floats(m.mean), "var": _floats(m.var), "var_unbiased": _floats(m.var_unbiased),
             "std": _floats(m.std), "std_unbiased": _floats(m.std_unbiased),
-            "min": _floats(m.minimum), "max": _floats(m.maximum),
+            "min": _floats(self.minimum), "max": _floats(self.maximum),
             "non_finite": [int(v) for v in m.non_finite], "normalize": self.normalize_line(),
             "chunk_bytes": self.chunk_bytes, "ranks": self.ranks, "notes": list(self.notes),
         }
@@ -373,7 +389,8 @@ def stats_notes(r: StatsResult) -> list[str]:
     notes = []
     nhwc = [s for s in r.inputs if any(f.code == "channels_last" for f in s.findings)]
     if nhwc:
-        notes.append(f"{len(nhwc)} of {len(r.inputs)} inputs look channels-last (N, H, W, C): "
+        notes.append(f"{len(nhwc)} of {plural(len(r.inputs), 'input')} {verb(len(nhwc), 'looks', 'look')} "
+                     "channels-last (N, H, W, C): "
                      f"{_examples(nhwc, limit=1)}. Read as NCHW (the default), they have {r.moments.channels} "
                      "channels. If they are images, pass --layout nhwc; --layout nchw confirms the "
                      "layout and drops this note.")
@@ -397,6 +414,12 @@ def stats_notes(r: StatsResult) -> list[str]:
         else:
             notes.append(f"--scale {r.scale:g} applies to integer inputs only, and every input is floating "
                          f"point: nothing was divided ({_examples(floats)}).")
+    flat = np.flatnonzero(r.moments.std == 0) if r.moments.count else np.array([], dtype=np.int64)
+    if flat.size:
+        chans = ", ".join(str(i) for i in flat[:10]) + (" ..." if flat.size > 10 else "")
+        notes.append(f"{plural(int(flat.size), 'channel')} ({chans}) {verb(int(flat.size), 'is', 'are')} "
+                     "constant (std 0): transforms.Normalize divides by the std, so "
+                     "those channels would become Inf or NaN. Drop them, or give them std 1.")
     empty = [s for s in r.inputs if 0 in s.shape]
     if empty:
         notes.append(f"{_n(len(empty), 'input')} with no values (they count for nothing): {_examples(empty)}.")
@@ -421,6 +444,18 @@ def stats_state_dict(result: StatsResult) -> dict[str, torch.Tensor]:
     from bncli.engine import BatchNormConfig, BatchNormEngine
 
     m = result.moments
+    if m.count < 2:
+        raise StateError(f"Cannot write a BatchNorm state from {plural(m.count, 'value')} per channel: "
+                         "running_var holds the unbiased variance, which needs at least 2.",
+                         hint="Compute the statistics over more data, or drop --save-state.")
+    bad = np.flatnonzero(~(np.isfinite(m.mean) & np.isfinite(m.var)))
+    if bad.size:
+        chans = ", ".join(str(i) for i in bad[:10]) + (" ..." if bad.size > 10 else "")
+        raise StateError(f"Cannot write a BatchNorm state: the statistics of {plural(int(bad.size), 'channel')} "
+                         f"({chans}) are not finite (the data holds NaN or Inf), and such running stats "
+                         "make every eval output of those channels NaN.",
+                         hint="Find the NaN/Inf values (bncli check-shape DATA counts them) and clean them, "
+                              "or drop --save-state.")
     engine = BatchNormEngine(BatchNormConfig(m.channels, momentum=None))
     engine.update_running_stats(torch.from_numpy(m.mean), torch.from_numpy(m.var), m.count)
     return engine.state_dict()

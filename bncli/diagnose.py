@@ -104,6 +104,24 @@ def not_4d(shape: tuple[int, ...]) -> Finding:
     return _err("not_4d", f"{rule}.", "Reshape to (N, C, H, W) before normalizing.")
 
 
+def _non_float(dtype: str) -> tuple[str, str]:
+    """What kind of dtype ``dtype`` is, and how to convert it to float32."""
+    if dtype == "uint8":
+        return "integer", "x.astype(np.float32) / 255 (NumPy) or x.float() / 255 (torch) for 8-bit images"
+    plain = "x.astype(np.float32) (NumPy) or x.float() (torch)"
+    if dtype == "bool":
+        return "boolean", plain
+    if dtype.startswith("complex"):
+        return "complex", "keep the part you mean: x.real.astype(np.float32) (NumPy) or x.abs().float() (torch)"
+    if dtype.startswith(("float8", "float4")):  # torch's 8-bit (and 4-bit) float formats
+        return "low-precision floating-point", "x.float() (torch); BatchNorm2d has no 8-bit kernels"
+    if dtype.startswith(("qint", "quint")):
+        return "quantized", "x.dequantize() (torch)"
+    if dtype.startswith(("int", "uint")):
+        return "integer", plain
+    return "non-numeric", "save the numbers as a float array (np.save(path, x.astype(np.float32)))"
+
+
 def check_shape(shape: tuple[int, ...], dtype: str, *, num_features: int | None = None,
                 mode: str = "train", layout: str = "nchw") -> list[Finding]:
     """Findings about a tensor's shape and dtype alone (no values needed).
@@ -123,9 +141,7 @@ def check_shape(shape: tuple[int, ...], dtype: str, *, num_features: int | None 
     if len(shape) != 4:
         out.append(not_4d(shape))
     if dtype not in FLOAT_NAMES:
-        fix = ("x.astype(np.float32) / 255 (NumPy) or x.float() / 255 (torch) for 8-bit images"
-               if dtype == "uint8" else "convert first: x.astype(np.float32) or x.float()")
-        kind = "boolean" if dtype == "bool" else "complex" if dtype.startswith("complex") else "integer"
+        kind, fix = _non_float(dtype)
         out.append(_err("not_float", f"The input has {kind} dtype {dtype}; BatchNorm2d needs "
                         "float16, bfloat16, float32 or float64.", f"Convert it: {fix}."))
     if len(shape) == 4:
@@ -302,11 +318,18 @@ def check_array(array: Any, *, name: str = "<array>", num_features: int | None =
         num_features, mode, layout, scan_values: As for :func:`check_file`.
     """
     if type(array).__module__.split(".")[0] == "torch":
-        tensor = array.detach().cpu()
+        tensor = array.detach()
         dtype, shape = str(tensor.dtype).removeprefix("torch."), list(tensor.shape)
+        if tensor.is_meta:  # shape and dtype, but no values to scan
+            scan_values = False
+        else:
+            tensor = tensor.cpu()
+            if str(tensor.layout) != "torch.strided":
+                tensor = tensor.to_dense()  # a sparse tensor's values are its dense ones
     else:
         tensor = np.asarray(array)
-        dtype, shape = str(tensor.dtype), list(tensor.shape)
+        # dtype.name: a big-endian '>f4' array is float32 all the same.
+        dtype, shape = tensor.dtype.name, list(tensor.shape)
 
     def values() -> list[np.ndarray]:
         if isinstance(tensor, np.ndarray):

@@ -323,7 +323,8 @@ def recalibrate_model(path: Path, data: Sequence[Path], output: Path, *, key: st
     state_path = state_destination(save_state, output)
     io.check_output(output, force=force, protect=[path, *data], allowed=pt2.PT2_SUFFIXES)
     if state_path is not None:
-        io.check_output(state_path, force=force, protect=[path, output, *data], allowed=io.STATE_OUTPUT_SUFFIXES)
+        io.check_output(state_path, force=force, protect=[path, output, *data], allowed=io.STATE_OUTPUT_SUFFIXES,
+                        option="--save-state")
     m = load_model(path)
     model.require_2d(m.layers)
     tracked = [layer for layer in m.layers if layer.has_running_stats]

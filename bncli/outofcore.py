@@ -269,7 +269,8 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
         mean_t, var_t = torch.from_numpy(mean64), torch.from_numpy(var64)
         task = f"pass {passes}/{passes} normalize"
         tick(task, 0)
-        with io.NpyWriter(tmp, raw.shape, raw.dtype) as writer:
+        # The blocks come in native byte order (read_rows), so the output is written so.
+        with io.NpyWriter(tmp, raw.shape, raw.dtype.newbyteorder("=")) as writer:
             _apply_pass(engine, blocks(), writer, mean_t, var_t, layout,
                         None if batch_stats else before, workers, lambda done: tick(task, done))
         if mode == "train":

@@ -96,7 +96,7 @@ def normalize_table(channels: int, cols: Sequence[tuple[str, Sequence[float]]], 
 def findings_text(report: Any) -> Text:
     """One input's check-shape verdict: a status line, then each finding and its fix."""
     text = Text()
-    shape = "?" if report.shape is None else "(" + ", ".join(map(str, report.shape)) + ")"
+    shape = "?" if report.shape is None else str(tuple(report.shape))  # (5,) for 1D, as messages say
     where = report.path + (f" [{report.key}]" if report.key else "")
     if report.valid:
         text.append("OK   ", style="bold green")

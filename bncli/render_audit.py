@@ -15,6 +15,7 @@ from rich.text import Text
 
 from bncli.diagnose import Finding
 from bncli.render import finding_text
+from bncli.wording import plural
 
 BUFFERS = (("running_mean", "run mean"), ("running_var", "run var"), ("weight", "weight"), ("bias", "bias"))
 STATUS = {"error": ("error", "bold red"), "warning": ("warn", "bold yellow"), "": ("ok", "bold green")}
@@ -172,7 +173,7 @@ def audit_text(report: Any, width: int = 80) -> list[Any]:
         parts.append(text)
     errors = sum(bool(a.count("error")) for a in layers)
     warned = sum(bool(a.findings) and not a.count("error") for a in layers)
-    parts.append(f"{len(layers)} layers: {errors} with errors, {warned} with warnings only, "
+    parts.append(f"{plural(len(layers), 'layer')}: {errors} with errors, {warned} with warnings only, "
                  f"{len(layers) - errors - warned} clean.")
     if report.nodes and any(_stale(a) for a in layers):
         parts.append(Text("To re-estimate the running stats from data (no model code needed): "

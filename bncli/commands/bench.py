@@ -69,6 +69,12 @@ def parse_shape(value: str) -> tuple[int, int, int, int]:
     return sizes  # narrowed to 4 ints by the length check above
 
 
+def _check_shapes(values: list[str] | None) -> list[str] | None:
+    for value in values or ():
+        parse_shape(value)  # refuse a bad --shape while parsing, so the message names the option
+    return values
+
+
 @handle_errors
 def bench(
     device: DeviceOpt = Device.cpu,
@@ -77,7 +83,8 @@ def bench(
                          "(8,3,224,224) (32,64,112,112) (128,2048,7,7) in 3 dtypes (the GPU default); "
                          "resnet50: every BatchNorm2d input of ResNet-50, batch 32.")] = None,
     shape: Annotated[list[str] | None, typer.Option(
-        "--shape", metavar="N,C,H,W", help="Time this shape instead of a preset's (repeatable).")] = None,
+        "--shape", metavar="N,C,H,W", callback=_check_shapes,
+        help="Time this shape instead of a preset's (repeatable).")] = None,
     batch: Annotated[int | None, typer.Option(
         "--batch", callback=in_range(1, MAX_DIM, "a batch size; the memory check bounds it further"),
         help="Replace the preset shapes' batch size N (e.g. --preset resnet50 --batch 8).")] = None,
@@ -108,7 +115,8 @@ def bench(
                                         help="Untimed calls per variant first (0 to 10000).")] = 3,
     as_json: JsonOpt = False,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Also save the JSON document here (.json; written atomically).")] = None,
+        "--output", "-o", readable=False,
+        help="Also save the JSON document here (.json; written atomically).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")] = False,
 ) -> None:
     """Time BatchNorm2d: the engine `normalize` uses, against nn.BatchNorm2d and a copy.

@@ -75,7 +75,7 @@ def to_json(r: Any) -> dict[str, Any]:
     }
 
 
-def plan_line(plan: Any) -> str:
+def plan_line(plan: Any, width: int | None = None) -> str:
     """``data a.npy, b.npy  48 samples  3 batches of 16`` (markup)."""
     from bncli.render import kv_line
 
@@ -84,7 +84,7 @@ def plan_line(plan: Any) -> str:
              ("batches", f"{plan.batches} of {plan.batch_size}")]
     if plan.dropped:
         pairs.append(("dropped", f"last {plan.dropped}"))
-    return kv_line(pairs)
+    return kv_line(pairs, width)
 
 
 def render(r: Any) -> None:
@@ -95,8 +95,8 @@ def render(r: Any) -> None:
     from bncli.render import console, fmt, kv_line
 
     out = console()
-    out.print(kv_line([("model", str(r.model)), ("input", f"{r.input.name} {r.input.describe()}")]))
-    out.print(plan_line(r.plan))
+    out.print(kv_line([("model", str(r.model)), ("input", f"{r.input.name} {r.input.describe()}")], out.width))
+    out.print(plan_line(r.plan, out.width))
     table = Table(title="BN layers: running stats vs. their inputs (train-BN pass)", title_justify="left",
                   show_edge=False, pad_edge=False)
     for header, justify in (("#", "right"), ("layer", "left"), ("C", "right"), ("mean shift", "right"),
@@ -115,7 +115,7 @@ def render(r: Any) -> None:
         out.print(f"No running statistics (batch statistics in both modes): "
                   f"{', '.join(layer.name for layer in r.without_stats)}")
     out.print(kv_line([("model output max |eval - train|", fmt(r.output_max_abs_diff)),
-                       ("max |eval|", fmt(r.output_max_abs))]))
+                       ("max |eval|", fmt(r.output_max_abs))], out.width))
     first = r.breaks_at
     if first is None:
         out.print("[green]Every BN layer's running statistics describe its inputs on this data:[/] "

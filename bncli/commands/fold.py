@@ -22,7 +22,8 @@ def _tolerance(value: float) -> float:
 def fold(
     model: ModelArg,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="The folded model (.pt2). Default: MODEL.folded.pt2 beside it.")] = None,
+        "--output", "-o", readable=False,
+        help="The folded model (.pt2). Default: MODEL.folded.pt2 beside it.")] = None,
     data: DataOpt = None,
     key: KeyOpt = None,
     batch_size: BatchSizeOpt = None,
@@ -77,7 +78,7 @@ def _render(r: Any) -> None:
     from bncli.render import console, fmt, kv_line
 
     out = console()
-    out.print(kv_line([("model", str(r.model))]))
+    out.print(kv_line([("model", str(r.model))], out.width))
     table = Table(title="BN layers", title_justify="left", show_edge=False, pad_edge=False)
     for header in ("#", "layer", "conv", "result"):
         table.add_column(header, justify="right" if header == "#" else "left", overflow="fold")
@@ -85,8 +86,8 @@ def _render(r: Any) -> None:
         result = "[green]folded[/]" if d.folded else f"[yellow]kept[/]: {d.reason}"
         table.add_row(str(d.layer.index), d.layer.name, d.layer.conv or "-", result)
     out.print(table)
-    out.print(kv_line([("check", r.check)]))
+    out.print(kv_line([("check", r.check)], out.width))
     out.print(kv_line([("max |folded - original|", fmt(r.max_abs_error)),
-                       ("relative", fmt(r.relative_error)), ("tolerance", f"{r.tolerance:g}")]))
+                       ("relative", fmt(r.relative_error)), ("tolerance", f"{r.tolerance:g}")], out.width))
     out.print(kv_line([("wrote", str(r.output)),
-                       ("folded", f"{len(r.folded)} of {len(r.decisions)} BN layers")]))
+                       ("folded", f"{len(r.folded)} of {len(r.decisions)} BN layers")], out.width))

@@ -111,7 +111,9 @@ def show_usage_error(exc: Any) -> NoReturn:
         if ctx.command.get_help_option(ctx) is not None:
             hint = f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.\n"
         typer.echo(f"{ctx.get_usage()}\n{hint}", err=True)
-    typer.echo(textwrap.fill(f"Error: {exc.format_message()}", width=width, break_on_hyphens=False,
+    # typer's choice checks go through pydantic, whose "Value error, " prefix says nothing here.
+    message = exc.format_message().replace(": Value error, ", ": ", 1)
+    typer.echo(textwrap.fill(f"Error: {message}", width=width, break_on_hyphens=False,
                              break_long_words=False), err=True)
     sys.exit(exc.exit_code)
 

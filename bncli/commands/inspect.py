@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from bncli.commands.common import handle_errors, print_error, print_json
-from bncli.commands.options import JsonOpt, parse_eps, parse_momentum
+from bncli.commands.options import JsonOpt, check_momentum, parse_eps, parse_momentum
 
 
 class FailOn(str, Enum):
@@ -29,7 +29,7 @@ def inspect(
         help="Checkpoints: .pt/.pth, Lightning .ckpt, .safetensors (a state_dict, a nested "
              "{'model': ...}/{'state_dict': ...}, module./_orig_mod. prefixes); exported "
              "models: .pt2 (torch.export.save), read without running their code.",
-        show_default=False, metavar="MODEL...")],
+        show_default=False, metavar="MODEL...", readable=False)],
     prefix: Annotated[str | None, typer.Option(
         "--prefix", metavar="NAME",
         help="Audit only this layer, named as in compare/normalize (features.1 finds "
@@ -39,7 +39,7 @@ def inspect(
         help="The layers' eps (a state_dict does not store it); var_below_eps compares "
              "running_var with it. A .pt2 uses each BN node's own.")] = None,
     momentum: Annotated[str | None, typer.Option(
-        "--momentum", metavar="FLOAT|none", show_default="0.1, assumed",
+        "--momentum", metavar="FLOAT|none", show_default="0.1, assumed", callback=check_momentum,
         help="The layers' momentum (not stored either; 'none' = cumulative average); "
              "unconverged uses it. A .pt2 uses each BN node's own.")] = None,
     fail_on: Annotated[FailOn, typer.Option(

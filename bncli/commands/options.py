@@ -61,8 +61,10 @@ def parse_momentum(value: str) -> float | None:
     return m
 
 
-def _check_momentum(value: str) -> str:
-    parse_momentum(value)  # refuse a bad value while parsing, before any file is read
+def check_momentum(value: str | None) -> str | None:
+    """A ``--momentum`` callback: refuse a bad value while parsing, before any file is read."""
+    if value is not None:
+        parse_momentum(value)
     return value
 
 
@@ -151,7 +153,7 @@ EpsOpt = Annotated[float, typer.Option("--eps", callback=parse_eps,
                                        help="Added to the variance for stability (BatchNorm2d eps).",
     rich_help_panel=LAYER_PANEL)]
 MomentumOpt = Annotated[str, typer.Option(
-    "--momentum", metavar="FLOAT|none", callback=_check_momentum,
+    "--momentum", metavar="FLOAT|none", callback=check_momentum,
     help="Running-stats update weight in [0, 1]; 'none' = cumulative average (1/num_batches_tracked).",
     rich_help_panel=LAYER_PANEL)]
 AffineOpt = Annotated[bool, typer.Option("--affine/--no-affine",

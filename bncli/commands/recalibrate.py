@@ -24,7 +24,8 @@ def recalibrate(
     model: ModelArg,
     data: DataArgs,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="The recalibrated model (.pt2). Default: MODEL.recalibrated.pt2 beside it.")] = None,
+        "--output", "-o", readable=False,
+        help="The recalibrated model (.pt2). Default: MODEL.recalibrated.pt2 beside it.")] = None,
     key: KeyOpt = None,
     batch_size: BatchSizeOpt = None,
     var: Annotated[VarMode, typer.Option(
@@ -32,7 +33,7 @@ def recalibrate(
                       "torch.optim.swa_utils.update_bn and fvcore precise_bn; population: the exact "
                       "variance of each layer's inputs over all the data.")] = VarMode.batchmean,
     save_state: Annotated[Path | None, typer.Option(
-        "--save-state", metavar="DIR|FILE",
+        "--save-state", metavar="DIR|FILE", readable=False,
         help="Also write every BN layer's new state_dict (.pt/.safetensors; a folder gets "
              "OUTPUT-stem.bn_state.pt).")] = None,
     drop_last: DropLastOpt = False,
@@ -109,8 +110,8 @@ def _render(r: Any) -> None:
     from bncli.render import console, fmt, kv_line
 
     out = console()
-    out.print(kv_line([("model", str(r.model)), ("var", r.var_mode)]))
-    out.print(plan_line(r.plan))
+    out.print(kv_line([("model", str(r.model)), ("var", r.var_mode)], out.width))
+    out.print(plan_line(r.plan, out.width))
     table = Table(title="New running statistics (float64 over all batches)", title_justify="left",
                   show_edge=False, pad_edge=False)
     for header in ("#", "layer", "C", "mean moved", "var new/old", "mean (ch 0)", "var (ch 0)"):
@@ -125,4 +126,4 @@ def _render(r: Any) -> None:
     if r.without_stats:
         out.print(f"Left as they are (no running statistics): {', '.join(lay.name for lay in r.without_stats)}")
     out.print(kv_line([("wrote", str(r.output))] + ([("state", str(r.state_path))] if r.state_path else [])
-                      + [("num_batches_tracked", str(r.plan.batches))]))
+                      + [("num_batches_tracked", str(r.plan.batches))], out.width))

@@ -97,6 +97,30 @@ def stats(
             _render(result, save_state)
 
 
+def fit_normalize_line(line: str, width: int) -> str:
+    """``transforms.Normalize(mean=[...], std=[...])`` broken to ``width`` columns, still valid Python.
+
+    Breaks go between ``mean=`` and ``std=``, then between list items, each continuation
+    aligned under the first item, never inside a number. A word longer than the room left
+    (a very narrow terminal) stays whole.
+    """
+    if len(line) <= width:
+        return line
+    import textwrap
+
+    head = "transforms.Normalize("
+    body = line[len(head):-1]  # mean=[...], std=[...]
+    mean, std = body.split(", std=", 1)
+    out = []
+    for i, (name, items) in enumerate((("mean", mean.removeprefix("mean=")), ("std", std))):
+        start = (head if i == 0 else " " * len(head)) + f"{name}=["
+        end = "]," if i == 0 else "])"
+        room = max(width - len(start) - len(end), 1)
+        parts = textwrap.wrap(items.strip("[]"), room, break_long_words=False, break_on_hyphens=False)
+        out.append(start + f"\n{' ' * len(start)}".join(parts) + end)
+    return "\n".join(out)
+
+
 def _render(r: Any, save_state: Path | None) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -120,7 +144,7 @@ def _render(r: Any, save_state: Path | None) -> None:
                       + ([("scale", f"{divided} {r.scale:g}")] if scaled else [])
                       + ([("ranks", str(r.ranks))] if r.ranks > 1 else []), out.width))
     cols = [("mean", m.mean), ("std", m.std), ("var", m.var), ("var (n-1)", m.var_unbiased),
-            ("min", m.minimum), ("max", m.maximum)]
+            ("min", r.minimum), ("max", r.maximum)]
     if m.non_finite.any():
         cols.append(("non-finite", m.non_finite))
     # std is the biased one BatchNorm normalizes with; var (n-1) is what it keeps in running_var.
@@ -137,11 +161,7 @@ def _render(r: Any, save_state: Path | None) -> None:
     out.print(table)
     line = r.normalize_line()
     if line:
-        if len(line) > out.width and ", std=" in line:
-            # Still valid Python to paste, broken inside the parentheses instead of mid-number.
-            head, tail = line.split(", std=", 1)
-            line = f"{head},\n{' ' * len('transforms.Normalize(')}std={tail}"
-        out.print(line, markup=False, highlight=False, soft_wrap=True)
+        out.print(fit_normalize_line(line, out.width), markup=False, highlight=False, soft_wrap=True)
     if save_state is not None:
         out.print(kv_line([("wrote", str(save_state))], out.width))
         out.print(f"use it: bncli normalize DATA --mode eval --state {save_state}",

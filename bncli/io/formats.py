@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import struct
 import warnings
 import zipfile
@@ -71,6 +72,13 @@ class TensorInfo:
 def suffix_of(path: Path, allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> str:
     """The lower-case format suffix, or an InputError naming the supported ones."""
     suffix = path.suffix.lower()
+    if suffix == ".pt2" and suffix not in allowed:
+        # A whole exported model where a tensor is expected: say which commands take it.
+        raise InputError(
+            f"{path}: is an exported model (.pt2, torch.export.save), not a tensor file.",
+            hint=f"Audit its BatchNorm layers with bncli inspect {path}, or run it over data with "
+                 f"bncli compare {path} --data X.npy; tensor files are {', '.join(allowed)}.",
+        )
     if suffix not in allowed:
         raise InputError(
             f"{path}: unsupported file type {suffix or '(no extension)'!r}.",
@@ -205,7 +213,9 @@ def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
     import torch
 
     if isinstance(obj, torch.Tensor):
-        out[prefix] = obj
+        # weights_only loads sparse tensors too; every consumer (BatchNorm2d, NumPy, the
+        # audit) needs the dense values, which are exactly what the file stores.
+        out[prefix] = obj.to_dense() if obj.layout != torch.strided else obj
     elif isinstance(obj, Mapping):
         for k, v in obj.items():
             _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
@@ -237,6 +247,20 @@ def layer_name(prefix: str) -> str:
     return ".".join(p for p in rest.split(".") if p and p not in WRAPPER_ATTRS)
 
 
+def _not_a_pickle(detail: str) -> bool:
+    """Whether torch's weights-only unpickler stopped at a byte that is no pickle opcode at all.
+
+    It says ``Unsupported operand N`` both for real opcodes it refuses (``INST``, ``OBJ``:
+    an unsafe pickle) and for bytes no pickler writes (random data, a corrupt file).
+    """
+    import pickletools
+
+    m = re.search(r"Unsupported operand (\d+)", detail)
+    if m is None or int(m.group(1)) > 255:
+        return False
+    return chr(int(m.group(1))) not in {op.code for op in pickletools.opcodes}
+
+
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a .pt file under dotted keys ('' for a bare tensor)."""
     import torch
@@ -249,10 +273,17 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in first if "Unsupported" in ln or "GLOBAL" in ln), "")
+        if _not_a_pickle(detail):
+            raise InputError(f"{path}: cannot read this .pt file: it is neither a torch.save zip "
+                             f"archive nor a pickle ({detail}).",
+                             hint="Is it a file written by torch.save? It may be corrupt or truncated, "
+                                  "or have the wrong extension.") from None
         why = "it contains Python objects that only a full (unsafe) unpickle can rebuild"
         raise _unsafe(path, why + (f" [{detail}]" if detail else "")) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path}: cannot read this .pt file ({str(exc).splitlines()[0][:200]}).",
+        detail = (str(exc).strip().splitlines() or ["the file ends early" if isinstance(exc, EOFError)
+                                                     else type(exc).__name__])[0][:200]
+        raise InputError(f"{path}: cannot read this .pt file ({detail}).",
                          hint="Is it a file written by torch.save? It may be truncated.") from None
     out: dict[str, torch.Tensor] = {}
     _flatten(obj, "", out)
@@ -341,23 +372,32 @@ def load_tensor(path: Path, key: str | None = None) -> tuple[torch.Tensor, str |
     return torch.from_numpy(np.ascontiguousarray(array)), chosen_key
 
 
+def _native(array: np.ndarray) -> np.ndarray:
+    """The array in native byte order: torch.from_numpy refuses big-endian ('>f4') data."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
 def load_numpy(path: Path, key: str | None = None, *, mmap: bool = False) -> tuple[np.ndarray, str | None]:
-    """Load a ``.npy``/``.npz`` array with ``allow_pickle=False`` (``mmap`` for .npy)."""
+    """Load a ``.npy``/``.npz`` array with ``allow_pickle=False`` (``mmap`` for .npy).
+
+    Loaded arrays come in native byte order; a memory map keeps the file's.
+    """
     path = Path(path)
     require_file(path)
     suffix = suffix_of(path, (".npy", ".npz"))
     if suffix == ".npy":
         _npy_info(path)  # refuses pickles and object arrays with a clear reason
         try:
-            return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None), None
+            array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
         except ValueError as exc:
             if dtype_needs_pickle_message(str(exc)):
                 raise _unsafe(path, "it needs pickle") from None
             raise InputError(f"{path}: cannot read ({exc}).", hint="The file may be truncated.") from None
+        return (array if mmap else _native(array)), None
     chosen = _choose(path, _npz_members(path), key)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return npz[chosen], chosen
+            return _native(npz[chosen]), chosen
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
         if dtype_needs_pickle_message(str(exc)):
             raise _unsafe(path, f"member {chosen!r} needs pickle") from None

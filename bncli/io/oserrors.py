@@ -38,6 +38,13 @@ def _mode(path: Path) -> str:
     return f"mode {stat.filemode(st.st_mode)}, owner {owner}"
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def blocked_folder(path: Path) -> Path | None:
     """The first folder above ``path`` that this user may not search (enter), if any."""
     for parent in reversed(Path(path).absolute().parents):
@@ -61,6 +68,11 @@ def input_error(path: Path, exc: OSError) -> InputError:
                               hint=f"Ask for (or grant) search permission on {folder} (chmod +x), "
                                    "or copy the file somewhere you may read.")
         mode = _mode(path)
+        if _is_dir(path):  # a folder input (stats shards/) this user may not list
+            return InputError(f"{path}: permission denied: this user may not list the folder"
+                              + (f" ({mode})." if mode else "."),
+                              hint=f"Grant read permission (chmod u+rx {path}, or ask its owner), "
+                                   "or pass the files inside it if you may read them.")
         return InputError(f"{path}: permission denied: this user may not read the file"
                           + (f" ({mode})." if mode else "."),
                           hint=f"Grant read permission (chmod u+r {path}, or ask its owner), "

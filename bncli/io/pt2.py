@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from bncli.errors import InputError, UnsafeFileError
 from bncli.io import pt2_schema as schema
+from bncli.io.formats import require_file
+from bncli.io.oserrors import input_error
 from bncli.io.write import AtomicGroup
 
 if TYPE_CHECKING:
@@ -199,17 +201,16 @@ def read_archive(path: Path) -> Pt2Contents:
     from torch._export.serde.schema import SCHEMA_VERSION
 
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file.", hint="Check the path (and the current directory).")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a .pt2 file.", hint="Pass the archive inside it.")
+    require_file(path)  # missing, a folder, or not readable by this user: said as such, exit 1
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
+    except zipfile.BadZipFile:
         with path.open("rb") as fh:
             if fh.read(1) == b"\x80":
                 raise _unsafe(path, "it is a Python pickle, not a torch.export archive") from None
-        raise _bad(path, "it is not a zip archive") from None
+        raise _bad(path, "it is not a zip archive, or the archive is truncated") from None
+    except OSError as exc:
+        raise input_error(path, exc) from None
     try:
         with zf:
             _, members = _members(path, zf)

@@ -163,6 +163,8 @@ def read_rows(raw: RawTensor, fh: BufferedIOBase | RawIOBase, start: int, stop: 
             raise InputError(f"{raw.path}: ended early while reading rows {start}:{stop}.",
                              hint="The file was truncated or is being rewritten; re-create it.")
         done += n
+    if not out.dtype.isnative:  # a big-endian .npy: torch and the engine take native order only
+        out = out.astype(out.dtype.newbyteorder("="))
     if raw.bfloat16:
         out = (out.astype(np.uint32) << 16).view(np.float32)
     return out
