@@ -18,6 +18,7 @@ callers (``fold_model``): folding changes rounding only.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -245,7 +246,14 @@ def fold_model(path: Path, output: Path | None, *, data: Sequence[Path] = (), ke
             got = model.flat_tensors(folded(batch))
             for w, g in zip(want, got, strict=True):
                 if w.numel():
-                    err = max(err, float((w.double() - g.double()).abs().max()))
+                    if not torch.isfinite(w).all():
+                        # NaN - NaN is NaN and max(err, nan) is err: the check would pass unseen.
+                        raise StateError(f"{path}: the original model outputs NaN or Inf on the check batch "
+                                         f"({check}), so folding cannot be checked; nothing was written.",
+                                         hint=f"Look for non-finite running stats or weights: bncli inspect "
+                                              f"{path}; recalibrate or fix them first.")
+                    diff = float((w.double() - g.double()).abs().max())
+                    err = max(err, diff if math.isfinite(diff) else math.inf)
                     top = max(top, float(w.abs().max()))
     result = FoldResult(path, None, decisions, check, err, top, tolerance)
     if not result.relative_error <= tolerance:

@@ -91,6 +91,10 @@ def plan_data(paths: Sequence[Path], key: str | None, inp: ModelInput, batch_siz
                              "(all DATA files must hold samples of one shape).",
                              hint="Pass files of the same kind of samples, stacked along axis 0.")
     samples = sum(i.shape[0] for i in infos)
+    if samples == 0:
+        raise InputError(f"{first.path}: holds no samples (shape {first.shape})"
+                         + (", nor do the other DATA files." if len(infos) > 1 else "."),
+                         hint="Pass files that hold model inputs along axis 0.")
     if batch_size is None:
         lead = inp.shape[0]
         batch_size = lead if isinstance(lead, int) else max(lead[0], min(32, lead[1] or 32, samples))
@@ -121,10 +125,21 @@ def plan_data(paths: Sequence[Path], key: str | None, inp: ModelInput, batch_siz
 
 
 def iter_batches(plan: DataPlan, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """The model batches of a plan (bounded memory: files are read in blocks)."""
+    """The model batches of a plan (bounded memory: files are read in blocks).
+
+    Raises:
+        InputError: A file holds NaN or Inf: every statistic and output after it would be
+            NaN, and fold's check would compare NaN with NaN (and pass).
+    """
     def blocks() -> Iterator[np.ndarray]:
         for path in plan.paths:
-            yield from io.iter_chunks(path, plan.key, max_bytes=16 << 20)
+            for block in io.iter_chunks(path, plan.key, max_bytes=16 << 20):
+                if not np.isfinite(block).all():
+                    raise InputError(f"{path}: holds NaN or Inf values: every BN layer after them would "
+                                     "see NaN statistics and the model would output NaN.",
+                                     hint=f"Find them with bncli check-shape {path} (it counts them), then "
+                                          "clean the data or drop those samples.")
+                yield block
 
     for i, batch in enumerate(model.batches(blocks(), plan.batch_size, dtype)):
         if i == plan.batches:

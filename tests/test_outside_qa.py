@@ -377,3 +377,53 @@ def test_recalibrate_keeps_state_and_its_path_on_one_line(tmp_path: Path, monkey
     assert max(len(line) for line in lines) <= 80
     assert any(line.strip().startswith(f"state {state}") for line in lines), result.stdout
     assert not any(line.rstrip().endswith(" state") for line in lines)
+
+
+# -- .pt2 commands on data that proves nothing -------------------------------------------------
+@pytest.fixture
+def nan_data(tmp_path: Path) -> Path:
+    x = np.random.default_rng(0).random((4, 3, 32, 32)).astype(np.float32)
+    x[2, 1, 5, 5] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    return tmp_path / "nan.npy"
+
+
+@pytest.mark.parametrize("command", ["compare", "recalibrate", "fold"])
+def test_model_commands_refuse_data_with_nan(runner: CliRunner, tmp_path: Path, nan_data: Path,
+                                             command: str) -> None:
+    """fold's check on NaN data reported max |folded - original| 0 and wrote the model;
+    compare reported 'max |eval - train| 0' and a mean shift of 'nan running std'."""
+    model = tmp_path / "m.pt2"
+    shutil.copy(SAMPLES / "model.pt2", model)
+    out = tmp_path / "out.pt2"
+    args = {"compare": ["compare", model, "--data", nan_data],
+            "recalibrate": ["recalibrate", model, nan_data, "-o", out],
+            "fold": ["fold", model, "--data", nan_data, "-o", out]}[command]
+    result = run(runner, *args)
+    text = flat(result.stderr)
+    assert result.exit_code == 1, result.output
+    assert f"{nan_data}: holds NaN or Inf values" in text and f"bncli check-shape {nan_data}" in text
+    assert not out.exists()
+
+
+def test_model_commands_name_empty_data(runner: CliRunner, tmp_path: Path) -> None:
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3, 32, 32), np.float32))
+    result = run(runner, "compare", SAMPLES / "model.pt2", "--data", tmp_path / "empty.npy")
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'empty.npy'}: holds no samples (shape (0, 3, 32, 32))" in flat(result.stderr)
+
+
+def test_fold_refuses_to_vouch_for_a_model_that_outputs_nan(runner: CliRunner, tmp_path: Path) -> None:
+    """max(err, nan) is err: a model whose original output is NaN passed the check with error 0."""
+    from pt2_helpers import export, small_net
+
+    net = small_net()
+    with torch.no_grad():
+        net.bn2.running_var[0] = float("nan")
+    model = export(net, tmp_path / "nan_stats.pt2")
+    out = tmp_path / "folded.pt2"
+    result = run(runner, "fold", model, "-o", out)
+    text = flat(result.stderr)
+    assert result.exit_code == 1, result.output
+    assert "the original model outputs NaN or Inf on the check batch" in text and "bncli inspect" in text
+    assert not out.exists()
