@@ -7,6 +7,7 @@ Importing this module (and running ``--help``) does not import torch.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
@@ -98,3 +99,8 @@ def main() -> None:
 
         failure = os_failure(exc) if isinstance(exc, OSError) else internal_error(exc)
         sys.exit(failure.exit_code)
+    finally:
+        # The command is over (its outputs committed or discarded). Python restores SIGINT's
+        # default action before torch's teardown, so a Ctrl-C then would kill a finished run
+        # (shell status 130, no message); ignored, the exit code stays the command's own.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,15 @@ import pytest
 from typer.testing import CliRunner
 
 WIDTH = "120"
+
+
+@pytest.fixture(autouse=True)
+def _keep_sigint_handler() -> Iterator[None]:
+    """bncli.cli.main ignores SIGINT once a command is over (for the interpreter's teardown);
+    a test that calls main() in-process must not leave pytest deaf to Ctrl-C."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
 
 
 @pytest.fixture

@@ -427,3 +427,17 @@ def test_fold_refuses_to_vouch_for_a_model_that_outputs_nan(runner: CliRunner, t
     assert result.exit_code == 1, result.output
     assert "the original model outputs NaN or Inf on the check batch" in text and "bncli inspect" in text
     assert not out.exists()
+
+
+def test_a_finished_command_ignores_a_late_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C while the interpreter tears torch down (Python has restored SIGINT's default
+    action by then) killed a run that had written all its outputs: exit 130, no message."""
+    import signal
+    import sys
+
+    from bncli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["bncli", "--version"])
+    with pytest.raises(SystemExit):
+        main()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # conftest restores pytest's handler
