@@ -132,6 +132,11 @@ def _load(path: Path) -> dict[str, Any]:
         (tensor,) = state.values()
         dtype = str(tensor.dtype).replace("torch.", "")
         raise _not_a_checkpoint(path, f"holds a data tensor (shape {tuple(tensor.shape)}, {dtype})")
+    if not state:
+        raise InputError(f"{path}: holds no tensors (only other Python values, if any), so no BatchNorm "
+                         "layer to audit.",
+                         hint="Pass the checkpoint that holds the model's state_dict "
+                              "(torch.save(model.state_dict(), PATH)).")
     raise InputError(f"{path}: holds {len(state)} tensors but no BatchNorm layer (no *.running_mean "
                      "with *.running_var).",
                      hint="A model without BatchNorm (or built with track_running_stats=False) has "

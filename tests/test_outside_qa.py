@@ -441,3 +441,17 @@ def test_a_finished_command_ignores_a_late_ctrl_c(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(SystemExit):
         main()
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # conftest restores pytest's handler
+
+
+def test_a_folder_with_one_other_entry_reads_right(runner: CliRunner, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    result = run(runner, "stats", tmp_path)
+    assert result.exit_code == 1 and "it holds 1 other entry (notes.txt)" in flat(result.stderr)
+
+
+def test_a_checkpoint_without_tensors_says_so(runner: CliRunner, tmp_path: Path) -> None:
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pt")
+    result = run(runner, "inspect", tmp_path / "meta.pt")
+    text = flat(result.stderr)
+    assert result.exit_code == 1 and "holds no tensors (only other Python values" in text
+    assert "--key KEY" not in text and "holds 0 tensors" not in text

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bncli.errors import InputError
 from bncli.io.oserrors import input_error
+from bncli.wording import plural
 
 DEFAULT_GLOB = "*.npy,*.npz,*.pt,*.pth,*.safetensors"
 STDIN = "-"
@@ -74,7 +75,7 @@ def _folder_files(folder: Path, patterns: Sequence[str]) -> list[Path]:
              if not e.name.startswith(".") and e.is_file() and matches(e.name, patterns)]
     if not found:
         shown = ", ".join(sorted(names, key=natural_key)[:5]) + (" ..." if len(names) > 5 else "")
-        holds = f"it holds {len(names)} other entries ({shown})" if names else "it is empty"
+        holds = f"it holds {plural(len(names), 'other entry', 'other entries')} ({shown})" if names else "it is empty"
         raise InputError(f"{folder}: no file in this folder matches {','.join(patterns)}; {holds}.",
                          hint="Pass --glob with the pattern of your files (e.g. --glob '*.bin.npy'), "
                               "or the files themselves. Sub-folders are not searched.")
