@@ -455,3 +455,48 @@ def test_a_checkpoint_without_tensors_says_so(runner: CliRunner, tmp_path: Path)
     text = flat(result.stderr)
     assert result.exit_code == 1 and "holds no tensors (only other Python values" in text
     assert "--key KEY" not in text and "holds 0 tensors" not in text
+
+
+# -- .safetensors headers bncli parses itself --------------------------------------------------
+def _safetensors(path: Path, header: Any, data: bytes) -> Path:
+    import struct
+
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+DATA = np.arange(96, dtype=np.float32).reshape(2, 3, 4, 4).tobytes()
+BAD_HEADERS = {
+    "not_an_object": ([1, 2, 3], "the header is not a JSON object"),
+    "member_not_an_object": ({"x": "hello"}, "tensor 'x' is described by str"),
+    "negative_size": ({"x": {"dtype": "F32", "shape": [-2, 3, 4, 4], "data_offsets": [0, 384]}},
+                      "tensor 'x' has shape [-2, 3, 4, 4]"),
+    "beyond_the_file": ({"x": {"dtype": "F32", "shape": [2, 3, 4, 4], "data_offsets": [0, 10**9]}},
+                        "tensor 'x' lies at bytes 0..1000000000 of a 384-byte data section"),
+    "wrong_size": ({"x": {"dtype": "F32", "shape": [2, 3, 4, 4], "data_offsets": [0, 100]}},
+                   "tensor 'x' has 100 bytes, but shape [2, 3, 4, 4] of F32 needs 384"),
+    "unknown_dtype": ({"x": {"dtype": "F99", "shape": [2, 3, 4, 4], "data_offsets": [0, 384]}},
+                      "tensor 'x' has the unknown dtype 'F99'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HEADERS))
+def test_a_bad_safetensors_header_is_an_unreadable_file(runner: CliRunner, tmp_path: Path, case: str) -> None:
+    """check-shape called several of these valid (and stats read bytes outside the tensor);
+    a header that is no object stopped every command with an internal error."""
+    header, needle = BAD_HEADERS[case]
+    path = _safetensors(tmp_path / "bad.safetensors", header, DATA)
+    shape = run(runner, "check-shape", path)
+    assert shape.exit_code == 1 and "error[unreadable]" in shape.stdout, shape.stdout
+    assert f"not a valid .safetensors file: {needle}" in flat(shape.stdout)
+    for command in (["stats"], ["normalize", "-o", str(tmp_path / "o.npy")], ["inspect"]):
+        result = run(runner, command[0], path, *command[1:])
+        assert result.exit_code == 1 and "not a valid .safetensors file" in flat(result.stderr), result.output
+
+
+def test_safetensors_float8_is_named_as_torch_names_it(runner: CliRunner, tmp_path: Path) -> None:
+    path = _safetensors(tmp_path / "f8.safetensors",
+                        {"x": {"dtype": "F8_E4M3", "shape": [2, 3, 4, 4], "data_offsets": [0, 96]}}, DATA[:96])
+    text = flat(run(runner, "check-shape", path).stdout)
+    assert "dtype float8_e4m3fn" in text and "low-precision floating-point" in text

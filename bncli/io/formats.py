@@ -6,10 +6,8 @@ Nothing here ever unpickles (see :mod:`bncli.io`). torch is imported lazily, onl
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
-import struct
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -21,6 +19,8 @@ import numpy as np
 
 from bncli.errors import InputError, KeyChoiceError, UnsafeFileError
 from bncli.io.oserrors import input_error
+from bncli.io.safetensors_header import members as _safetensors_members
+from bncli.io.safetensors_header import read_header as _safetensors_header
 
 if TYPE_CHECKING:
     import torch
@@ -39,16 +39,6 @@ STATE_OUTPUT_SUFFIXES = (".pt", ".pth", ".safetensors")
 # into every key: DataParallel/DDP "module", torch.compile "_orig_mod".
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "_orig_mod")
 WRAPPER_ATTRS = ("module", "_orig_mod")
-
-# safetensors dtype tag -> (numpy dtype or None, bncli dtype name)
-_ST_DTYPES: dict[str, tuple[str | None, str]] = {
-    "F64": ("<f8", "float64"), "F32": ("<f4", "float32"), "F16": ("<f2", "float16"),
-    "BF16": (None, "bfloat16"), "I64": ("<i8", "int64"), "I32": ("<i4", "int32"),
-    "I16": ("<i2", "int16"), "I8": ("i1", "int8"), "U8": ("u1", "uint8"),
-    "U16": ("<u2", "uint16"), "U32": ("<u4", "uint32"), "U64": ("<u8", "uint64"),
-    "BOOL": ("?", "bool"),
-}
-
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -176,36 +166,6 @@ def _npz_members(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
                 raise _unsafe(path, f"member {name[:-4]!r} holds Python objects (dtype=object)")
             members.append((name[:-4], shape, dtype.name))
     return members
-
-
-# -- .safetensors header ------------------------------------------------------------------
-def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise InputError(f"{path}: too short to be a .safetensors file.", hint="Check the file.")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100_000_000):
-            raise InputError(f"{path}: not a valid .safetensors file (header length {n}).",
-                             hint="Check the file and its extension.")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise InputError(f"{path}: not a valid .safetensors file (bad JSON header).",
-                             hint="Check the file and its extension.") from None
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-def _safetensors_members(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
-    header, _ = _safetensors_header(path)
-    out = []
-    for key, meta in header.items():
-        tag = meta.get("dtype", "?")
-        name = _ST_DTYPES.get(tag, (None, tag.lower()))[1]
-        out.append((key, tuple(int(s) for s in meta.get("shape", ())), name))
-    return out
 
 
 # -- .pt -----------------------------------------------------------------------------------

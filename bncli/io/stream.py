@@ -25,13 +25,12 @@ if TYPE_CHECKING:
 
 
 from bncli.io.formats import (
-    _ST_DTYPES,
     _read_npy_header,
-    _safetensors_header,
     load_numpy,
     load_tensor,
     peek,
 )
+from bncli.io.safetensors_header import ST_DTYPES, read_header
 
 
 def iter_chunks(path: Path, key: str | None = None, *, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
@@ -125,10 +124,10 @@ def raw_tensor(path: Path, key: str | None = None) -> RawTensor | None:
             shape, dtype, fortran, offset = _read_npy_header(fh, path)
         raw = RawTensor(path, offset, shape, dtype, fortran_order=fortran and len(shape) > 1)
     elif suffix == ".safetensors":
-        header, base = _safetensors_header(path)
+        header, base = read_header(path)
         meta = header[info.key or ""]
         tag = meta["dtype"]
-        np_dtype, name = _ST_DTYPES.get(tag, (None, tag))
+        np_dtype, name = ST_DTYPES.get(tag, (None, tag))
         if tag == "BF16":
             np_dtype = "<u2"
         if np_dtype is None:
