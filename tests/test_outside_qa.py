@@ -500,3 +500,16 @@ def test_safetensors_float8_is_named_as_torch_names_it(runner: CliRunner, tmp_pa
                         {"x": {"dtype": "F8_E4M3", "shape": [2, 3, 4, 4], "data_offsets": [0, 96]}}, DATA[:96])
     text = flat(run(runner, "check-shape", path).stdout)
     assert "dtype float8_e4m3fn" in text and "low-precision floating-point" in text
+
+
+def test_a_corrupt_npz_member_is_an_unreadable_file(runner: CliRunner, tmp_path: Path) -> None:
+    np.savez(tmp_path / "z.npz", images=np.random.default_rng(0).random((4, 3, 8, 8)).astype(np.float32))
+    raw = bytearray((tmp_path / "z.npz").read_bytes())
+    raw[200] ^= 0xFF  # inside the member's data: its CRC no longer matches
+    (tmp_path / "z.npz").write_bytes(bytes(raw))
+    shape = run(runner, "check-shape", tmp_path / "z.npz")
+    assert shape.exit_code == 1 and "error[unreadable]" in shape.stdout
+    assert "the archive is corrupt (Bad CRC-32 for file 'images.npy')" in flat(shape.stdout)
+    for command in ("stats", "normalize"):
+        result = run(runner, command, tmp_path / "z.npz")
+        assert result.exit_code == 1 and "the archive is corrupt" in flat(result.stderr)

@@ -156,15 +156,19 @@ def _npz_members(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
         raise InputError(f"{path}: not a valid .npz (zip) archive.",
                          hint="Was it written with numpy.savez?") from None
     members = []
-    with zf:
-        for name in zf.namelist():
-            if not name.endswith(".npy"):
-                continue
-            with zf.open(name) as fh:
-                shape, dtype, _, _ = _read_npy_header(fh, path)  # type: ignore[arg-type]
-            if dtype.hasobject:
-                raise _unsafe(path, f"member {name[:-4]!r} holds Python objects (dtype=object)")
-            members.append((name[:-4], shape, dtype.name))
+    try:
+        with zf:
+            for name in zf.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with zf.open(name) as fh:
+                    shape, dtype, _, _ = _read_npy_header(fh, path)  # type: ignore[arg-type]
+                if dtype.hasobject:
+                    raise _unsafe(path, f"member {name[:-4]!r} holds Python objects (dtype=object)")
+                members.append((name[:-4], shape, dtype.name))
+    except (zipfile.BadZipFile, EOFError) as exc:  # a small member is read whole: its CRC is checked
+        raise InputError(f"{path}: not a valid .npz (zip) archive: the archive is corrupt ({exc}).",
+                         hint="The copy or download may be damaged; re-create the file.") from None
     return members
 
 
