@@ -513,3 +513,55 @@ def test_a_corrupt_npz_member_is_an_unreadable_file(runner: CliRunner, tmp_path:
     for command in ("stats", "normalize"):
         result = run(runner, command, tmp_path / "z.npz")
         assert result.exit_code == 1 and "the archive is corrupt" in flat(result.stderr)
+
+
+def _bad_utf8_name(src: Path, dst: Path) -> Path:
+    """``src`` (a zip) with one member renamed to bytes that are not UTF-8, its UTF-8 flag set."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        names = zin.namelist()
+        for name in names:
+            new = name.replace(name.rsplit("/", 1)[-1], "x\u00e9y") if name == names[0] else name
+            zout.writestr(new, zin.read(name))
+    dst.write_bytes(dst.read_bytes().replace("x\u00e9y".encode(), b"x\xc3\x28y"))
+    return dst
+
+
+@pytest.mark.parametrize("name", ["model.pt2", "dataset.npz"])
+def test_a_zip_with_a_broken_member_name_is_a_corrupt_file(runner: CliRunner, tmp_path: Path, name: str) -> None:
+    path = _bad_utf8_name(SAMPLES / name, tmp_path / f"broken{Path(name).suffix}")
+    commands = [["inspect"], ["fold", "-o", str(tmp_path / "o.pt2")]] if name.endswith(".pt2") else \
+        [["check-shape"], ["stats", "--key", "images"]]
+    for command in commands:
+        result = run(runner, command[0], path, *command[1:])
+        assert result.exit_code == 1, result.output
+        assert "corrupt" in flat(result.output)
+
+
+def test_a_corrupt_npy_header_is_an_unreadable_file(runner: CliRunner, tmp_path: Path) -> None:
+    """numpy's header parser raises tokenize.TokenError (no ValueError) for an unclosed header."""
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 4, 4"
+    header += b" " * (117 - len(header)) + b"\n"
+    path = tmp_path / "cut.npy"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(384))
+    shape = run(runner, "check-shape", path)
+    assert shape.exit_code == 1 and "error[unreadable]" in shape.stdout and "not a valid .npy file" in shape.stdout
+    for command in ("stats", "inspect", "normalize"):
+        result = run(runner, command, path)
+        assert result.exit_code == 1 and "not a valid .npy file" in flat(result.stderr)
+
+
+def test_a_pt_whose_pickle_breaks_the_loader_is_an_unreadable_file(runner: CliRunner, tmp_path: Path) -> None:
+    """torch's weights-only unpickler raises TypeError on {OrderedDict(): None} (an unhashable key)."""
+    import zipfile
+
+    torch.save({"a": 1}, tmp_path / "base.pt")
+    with zipfile.ZipFile(tmp_path / "base.pt") as zin, \
+            zipfile.ZipFile(tmp_path / "odd.pt", "w", zipfile.ZIP_STORED) as zout:
+        for name in zin.namelist():
+            body = b"\x80\x02}ccollections\nOrderedDict\n)RNs." if name.endswith("data.pkl") else zin.read(name)
+            zout.writestr(name, body)
+    for command in ("check-shape", "stats", "inspect"):
+        result = run(runner, command, tmp_path / "odd.pt")
+        assert result.exit_code == 1 and "cannot read this .pt file (unhashable type" in flat(result.output)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import tokenize
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -119,7 +120,7 @@ def _read_npy_header(fh: BinaryIO, path: Path) -> tuple[tuple[int, ...], np.dtyp
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-    except ValueError as exc:
+    except (ValueError, SyntaxError, tokenize.TokenError) as exc:  # numpy tokenizes the header
         if dtype_needs_pickle_message(str(exc)):
             raise _unsafe(path, "its array holds Python objects") from None
         raise InputError(f"{path}: not a valid .npy file ({exc}).",
@@ -155,6 +156,10 @@ def _npz_members(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
                 raise _unsafe(path, "it is a Python pickle, not an .npz archive") from None
         raise InputError(f"{path}: not a valid .npz (zip) archive.",
                          hint="Was it written with numpy.savez?") from None
+    except UnicodeDecodeError:  # a member name flagged UTF-8 that is not
+        raise InputError(f"{path}: not a valid .npz (zip) archive: the archive is corrupt (a member "
+                         "name is not valid UTF-8).",
+                         hint="The copy or download may be damaged; re-create the file.") from None
     members = []
     try:
         with zf:
@@ -244,7 +249,9 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
                                   "or have the wrong extension.") from None
         why = "it contains Python objects that only a full (unsafe) unpickle can rebuild"
         raise _unsafe(path, why + (f" [{detail}]" if detail else "")) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except MemoryError:
+        raise  # reported as such by the CLI, not as a bad file
+    except Exception as exc:  # a parser of untrusted bytes: any failure means a bad file
         detail = (str(exc).strip().splitlines() or ["the file ends early" if isinstance(exc, EOFError)
                                                      else type(exc).__name__])[0][:200]
         raise InputError(f"{path}: cannot read this .pt file ({detail}).",

@@ -209,6 +209,8 @@ def read_archive(path: Path) -> Pt2Contents:
             if fh.read(1) == b"\x80":
                 raise _unsafe(path, "it is a Python pickle, not a torch.export archive") from None
         raise _bad(path, "it is not a zip archive, or the archive is truncated") from None
+    except UnicodeDecodeError:  # a member name flagged UTF-8 that is not
+        raise _bad(path, "the zip is corrupt (a member name is not valid UTF-8)") from None
     except OSError as exc:
         raise input_error(path, exc) from None
     try:
