@@ -313,7 +313,7 @@ def test_many_channels_normalize_line_fits_and_stays_python(tmp_path: Path, colu
     assert max(len(line) for line in lines) <= int(columns)
     call = "\n".join(lines[next(i for i, line in enumerate(lines) if line.startswith("transforms.")):])
     transforms = types.SimpleNamespace(Normalize=lambda mean, std: (mean, std))
-    mean, std = eval(call, {"transforms": transforms})  # noqa: S307 - the text bncli printed
+    mean, std = eval(call, {"transforms": transforms})  # the text bncli printed
     r = bncli.dataset_stats(tmp_path / "many.npy")
     assert np.allclose(mean, r.mean, rtol=1e-5) and np.allclose(std, r.std, rtol=1e-5)
 
