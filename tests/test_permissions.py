@@ -123,7 +123,7 @@ def assert_one_error(proc: subprocess.CompletedProcess[str], *needles: str, wher
 
 # -- defect 1: an unreadable input is exit 1, not a usage error --------------------------------
 @pytest.mark.parametrize("suffix", [".npy", ".pt"])
-@pytest.mark.parametrize("command", ["normalize", "check-shape", "stats", "compare"])
+@pytest.mark.parametrize("command", ["normalize", "check-shape", "stats", "compare", "inspect"])
 def test_unreadable_input_is_an_expected_failure(tree: Path, command: str, suffix: str) -> None:
     before = snapshot(tree)
     proc = as_user([command, f"unread{suffix}"], tree)
@@ -133,6 +133,27 @@ def test_unreadable_input_is_an_expected_failure(tree: Path, command: str, suffi
     if command == "check-shape":
         assert "error[unreadable]" in proc.stdout and "fix:" in proc.stdout
     assert snapshot(tree) == before
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["compare", "--data", "x.npy"], ["fold", "-o", "rw/f.pt2"],
+                                     ["recalibrate", "x.npy", "-o", "rw/r.pt2"]])
+def test_unreadable_model_is_an_expected_failure(tree: Path, command: list[str]) -> None:
+    """The .pt2 reader opened the file itself: "Permission denied [EACCES]" and a vague fix."""
+    shutil.copy(Path(__file__).resolve().parent.parent / "sample_data" / "model.pt2", tree / "unread.pt2")
+    (tree / "unread.pt2").chmod(0)
+    proc = as_user([command[0], "unread.pt2", *command[1:]], tree)
+    assert_one_error(proc, "unread.pt2: permission denied: this user may not read the file", "mode ----------",
+                     "chmod u+r unread.pt2")
+    assert not list((tree / "rw").iterdir())
+
+
+@pytest.mark.parametrize("command", ["stats", "check-shape"])
+def test_input_folder_not_listable(tree: Path, command: str) -> None:
+    (tree / "shards").mkdir()
+    shutil.copy(tree / "x.npy", tree / "shards" / "a.npy")
+    (tree / "shards").chmod(0o311)  # searchable, not readable: its names cannot be listed
+    proc = as_user([command, "shards"], tree)
+    assert_one_error(proc, "shards: permission denied: this user may not list the folder", "chmod u+rx shards")
 
 
 @pytest.mark.parametrize("command", ["normalize", "check-shape", "stats", "compare"])
