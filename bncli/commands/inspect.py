@@ -64,13 +64,10 @@ def inspect(
 
         bncli inspect ckpts/*.pt --eps 1e-3 --momentum 0.01 --fail-on warning
     """
-    from bncli.audit import DEFAULT_EPS, DEFAULT_MOMENTUM
-    from bncli.checkpoint import audit_file
+    from bncli import api
 
-    m = DEFAULT_MOMENTUM if momentum is None else parse_momentum(momentum)
-    assumed = tuple(name for name, given in (("eps", eps), ("momentum", momentum)) if given is None)
-    reports = [audit_file(p, eps=DEFAULT_EPS if eps is None else eps, momentum=m, assumed=assumed,
-                          prefix=prefix) for p in checkpoints]
+    m = api.ASSUMED if momentum is None else parse_momentum(momentum)
+    reports = [api.inspect(p, prefix=prefix, eps=eps, momentum=m) for p in checkpoints]
     failed = [r for r in reports if r.fails(fail_on.value)]
     if as_json:
         print_json([r.to_dict(fail_on.value) for r in reports])
