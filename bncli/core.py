@@ -333,7 +333,10 @@ def prepare_tensor(x: torch.Tensor, *, mode: str, layout: str, engines: LayerEng
     refuse_invalid(tuple(x.shape), dtype_name(x.dtype), mode="train" if kind == "batch" else "eval",
                    layout=layout, num_features=engines.opts.num_features, where=where)
     engine, source = engines.get(data_channels=channels_of(tuple(x.shape), layout), data_dtype=x.dtype)
-    validate_input(tuple(x.shape), x.dtype, engine.config.num_features, "eval" if stats else mode, layout)
+    try:
+        validate_input(tuple(x.shape), x.dtype, engine.config.num_features, "eval" if stats else mode, layout)
+    except (ShapeError, DTypeError) as exc:  # e.g. the channels of a later input: name it
+        raise type(exc)(f"{where}: {exc.message}", hint=exc.hint) from None
     return engine, source
 
 

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bncli.render import console, finding_text, fmt, kv_line, normalize_table, rows_to_show, size_text
+from bncli.wording import plural
 
 
 def _output_name(output: Any) -> str:
@@ -78,7 +79,7 @@ def render(r: Any, stderr: bool = False) -> None:
     out.print(normalize_table(len(r.mean_before), cols, title))
     if "num_batches_tracked" in r.state:
         out.print(kv_line([("num_batches_tracked", str(int(r.state["num_batches_tracked"])))], out.width))
-    kept = [("kept", f"{len(r.passed_through)} other tensors")] if r.passed_through else []
+    kept = [("kept", plural(len(r.passed_through), "other tensor"))] if r.passed_through else []
     out.print(kv_line([("wrote", _output_name(r.output)), *kept]
                       + ([("state", str(r.state_path))] if r.state_path else []), out.width))
     layer_notes(r.source, r.mode)
@@ -113,7 +114,7 @@ def dropped_note(where: str, dropped: Sequence[str], reason: str) -> None:
 # -- many inputs -----------------------------------------------------------------------------
 def _rule(statistics: str, files: int, keys: int) -> str:
     n = files * keys
-    inputs = f"{files} files" + (f" x {keys} keys" if keys > 1 else "")
+    inputs = plural(files, "file") + (f" x {keys} keys" if keys > 1 else "")
     if statistics == "dataset":
         return f"one batch of all {inputs}: exact pooled statistics, one running-stat update"
     if statistics == "per-input":
@@ -134,21 +135,21 @@ def render_batch(result: Any) -> None:
     """One row per normalized tensor, the pooled statistics, the summary; notes on stderr
     (the failed inputs' errors are the command's to print)."""
     out = console()
-    table = Table(title=f"Normalized inputs ({result.statistics} statistics)", title_justify="left",
-                  show_edge=False, pad_edge=False)
+    table = Table(title="Normalized inputs", title_justify="left", show_edge=False, pad_edge=False)
     for name, justify in (("#", "right"), ("input", "left"), ("shape", "left"), ("output", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for i, f in enumerate(result.files, 1):
         if not f.ok:
-            table.add_row(str(i), f.input, "", "[red]failed: not written[/]")
+            table.add_row(str(i), escape(f.input), "", "[red]failed (error below)[/]")
         for t in f.tensors:
             where = f.input + (f" [{t['key']}]" if t["key"] else "")
             table.add_row(str(i), escape(where), str(tuple(t["shape"])), escape(_output_name(f.output)))
     out.print(table)
     if result.dataset is not None:
         m = result.dataset.moments
-        pooled = Table(title=f"Pooled statistics of all inputs ({m.count:,} values per channel; exact)",
-                       title_justify="left", show_edge=False, pad_edge=False)
+        out.print(kv_line([("pooled", f"{plural(len(result.dataset.inputs), 'tensor')}, "
+                                      f"{m.count:,} values per channel")], out.width))
+        pooled = Table(title="Pooled statistics (exact)", title_justify="left", show_edge=False, pad_edge=False)
         for name in ("ch", "mean", "std (biased)", "var (n-1)"):
             pooled.add_column(name, justify="right")
         for c in rows_to_show(m.channels):

@@ -107,6 +107,7 @@ def normalize(
         bncli normalize huge.npy --out-of-core --chunk-size 64M
     """
     from bncli import batch, core, distributed, io, render_normalize
+    from bncli.errors import InputError
     from bncli.progress import progress_callback
 
     keys = _check_usage(inputs, output, output_dir, key, fmt, dataset_stats, mode, as_json)
@@ -123,6 +124,9 @@ def normalize(
     # One file named as itself: its own report, as ever; anything more: the run's report.
     single = len(inputs) == 1 and files == [Path(inputs[0])] and len(keys) == 1
     with primary_rank_reports(), distributed.session() as world:
+        if world.size > 1 and any(io.is_stdio(f) for f in files):
+            raise InputError("- (standard input) cannot be shared by torchrun's ranks.",
+                             hint="Save it to a file first and pass the file.")
         sources: list[io.Source] = [io.read_stdin() if io.is_stdio(f) else f for f in files]
         outputs = batch.output_paths(sources, output=output, output_dir=output_dir)
         show = not as_json and world.is_primary

@@ -190,8 +190,8 @@ ChunkSizeOpt = Annotated[int | None, typer.Option(
          "Peak memory is a few chunks.")]
 SaveStateOpt = Annotated[Path | None, typer.Option(
     "--save-state", metavar="FILE", readable=False,
-    help="Write the layer's state_dict after this step (.pt/.safetensors), loadable "
-         "with nn.BatchNorm2d.load_state_dict and with --state.")]
+    help="Write the layer's state_dict after this step (after the last, for several inputs; only "
+         "if all succeed) as .pt/.safetensors, loadable with nn.BatchNorm2d.load_state_dict and --state.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing output files.")]
 
 
@@ -228,7 +228,7 @@ class Format(str, Enum):
 
 NormalizeInputsArg = Annotated[list[Path], typer.Argument(
     help="Tensor files (.npy .npz .pt/.pth/.ckpt .safetensors), folders of them, or - for standard input.",
-    show_default=False, metavar="INPUT...", readable=False)]
+    show_default=False, metavar="INPUT", readable=False)]
 KeysOpt = Annotated[list[str] | None, typer.Option(
     "--key", "-k", metavar="KEY",
     help="Which tensor of a .pt/.npz/.safetensors to normalize (listed if ambiguous); repeat it for "

@@ -96,7 +96,7 @@ def detect_format(data: bytes, name: str = "<stdin>") -> str:
                     return ".safetensors"
             except (UnicodeDecodeError, json.JSONDecodeError):
                 pass
-    raise InputError(f"{name}: not a tensor file bncli reads (first bytes {data[:8]!r}).",
+    raise InputError(f"{name}: not a tensor file bncli reads (it starts with {data[:8]!r}).",
                      hint="Send a .npy, .npz, .pt or .safetensors file's bytes, e.g. "
                           "bncli normalize - -o out.npy < batch.npy.")
 
@@ -122,13 +122,13 @@ def read_stdin(stream: BinaryIO | None = None, *, limit: int | None = None, name
         parts.append(chunk)
         total += len(chunk)
     if total > limit:
-        raise InputError(f"{name}: standard input holds more than {_size_text(limit)}, the most bncli "
+        raise InputError(f"Standard input holds more than {_size_text(limit)}, the most bncli "
                          "buffers in memory.",
                          hint=f"Pass the file itself (a large .npy is then streamed), or raise the cap, "
                               f"e.g. {STDIN_LIMIT_ENV}=8G.")
     data = b"".join(parts)
     if not data:
-        raise InputError(f"{name}: standard input is empty.",
+        raise InputError("Standard input is empty.",
                          hint="Redirect or pipe a tensor file into it: bncli normalize - -o out.npy < batch.npy.")
     return MemoryFile(data, detect_format(data, name), name)
 
