@@ -116,9 +116,9 @@ def _rule(statistics: str, files: int, keys: int) -> str:
     n = files * keys
     inputs = plural(files, "file") + (f" x {keys} keys" if keys > 1 else "")
     if statistics == "dataset":
-        return f"one batch of all {inputs}: exact pooled statistics, one running-stat update"
+        return f"one batch of all {inputs}: pooled exact statistics, 1 update"
     if statistics == "per-input":
-        return f"each of {inputs} its own batch, in order: {n} train steps"
+        return f"each of {inputs} its own, in order: {plural(n, 'train step')}"
     return f"{inputs}, each with the running statistics"
 
 
@@ -136,14 +136,15 @@ def render_batch(result: Any) -> None:
     (the failed inputs' errors are the command's to print)."""
     out = console()
     table = Table(title="Normalized inputs", title_justify="left", show_edge=False, pad_edge=False)
-    for name, justify in (("#", "right"), ("input", "left"), ("shape", "left"), ("output", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for i, f in enumerate(result.files, 1):
+    table.add_column("input", overflow="fold")  # long paths wrap whole, not cut with an ellipsis
+    table.add_column("shape", no_wrap=True)
+    table.add_column("output", overflow="fold")
+    for f in result.files:
         if not f.ok:
-            table.add_row(str(i), escape(f.input), "", "[red]failed (error below)[/]")
+            table.add_row(escape(f.input), "", "[red]failed (error below)[/]")
         for t in f.tensors:
             where = f.input + (f" [{t['key']}]" if t["key"] else "")
-            table.add_row(str(i), escape(where), str(tuple(t["shape"])), escape(_output_name(f.output)))
+            table.add_row(escape(where), str(tuple(t["shape"])), escape(_output_name(f.output)))
     out.print(table)
     if result.dataset is not None:
         m = result.dataset.moments
@@ -163,7 +164,8 @@ def render_batch(result: Any) -> None:
     if "num_batches_tracked" in state:
         out.print(kv_line([("num_batches_tracked", str(int(state["num_batches_tracked"])))], out.width))
     done = len(result.files) - len(result.failed)
-    pairs = [("wrote", f"{done} of {len(result.files)} files")]
+    pairs = [("wrote", f"{done} of {len(result.files)} files")] + ([("ranks", str(result.ranks))]
+                                                                   if result.ranks > 1 else [])
     if result.save_state is not None:
         pairs.append(("state", str(result.save_state) if result.state_written
                       else "not written (an input failed)"))

@@ -63,7 +63,7 @@ def test_many_inputs_are_consecutive_train_steps_of_one_layer(runner: CliRunner,
     assert int(state["num_batches_tracked"]) == 3
     for k, v in module.state_dict().items():
         torch.testing.assert_close(state[k], v, rtol=0, atol=0)
-    assert "each of 3 files its own batch, in order: 3 train steps" in res.stdout
+    assert "batches each of 3 files its own, in order: 3 train steps" in res.stdout
     assert "num_batches_tracked 3" in res.stdout and "wrote 3 of 3 files" in res.stdout
 
 
