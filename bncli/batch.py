@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from bncli import core, io
+from bncli.datastats import disk_bytes, finite_floats
 from bncli.distributed import LOCAL, World
 from bncli.errors import BncliError, InputError, KeyChoiceError, OutputError
 
@@ -126,15 +125,11 @@ class FileOutcome:
         return cls(**{k: v for k, v in d.items() if k != "ok"})
 
 
-def _floats(a: np.ndarray) -> list[float | None]:
-    return [float(v) if np.isfinite(v) else None for v in a]
-
-
 def tensor_report(r: core.NormalizeResult) -> dict[str, Any]:
     """One normalized tensor as JSON-ready data (NaN/Inf as None)."""
     channels = [{"channel": i, "mean_before": mb, "std_before": sb, "mean_after": ma, "std_after": sa}
-                for i, (mb, sb, ma, sa) in enumerate(zip(_floats(r.mean_before), _floats(r.std_before),
-                                                         _floats(r.mean_after), _floats(r.std_after),
+                for i, (mb, sb, ma, sa) in enumerate(zip(finite_floats(r.mean_before), finite_floats(r.std_before),
+                                                         finite_floats(r.mean_after), finite_floats(r.std_after),
                                                          strict=True))]
     return {"key": r.key, "shape": list(r.shape), "dtype": r.dtype, "statistics": r.statistics,
             "execution": r.execution, "channels": channels}
@@ -210,7 +205,7 @@ def normalize_many(inputs: Sequence[io.Source], outputs: Sequence[Path], *, keys
                               "in one process.")
     if dataset and mode != "train":
         raise ValueError("dataset statistics are train-mode statistics")
-    sizes = world.gather(lambda: [_disk_bytes(p) for p in inputs])[0]
+    sizes = world.gather(lambda: [disk_bytes(p) if isinstance(p, Path) else len(p.data) for p in inputs])[0]
     mine = world.share(sizes) if not chained else range(len(inputs))
     single = len(inputs) == 1 and len(keys) == 1
     files = [p for p in inputs if isinstance(p, Path)]
@@ -277,13 +272,6 @@ def normalize_many(inputs: Sequence[io.Source], outputs: Sequence[Path], *, keys
     return result
 
 
-def _disk_bytes(src: io.Source) -> int:
-    try:
-        return src.stat().st_size if isinstance(src, Path) else len(src.data)
-    except OSError:
-        return 0  # its own rank reports it, with the loader's message
-
-
 def _pool(files: list[Path], keys: Sequence[str | None], layout: str, opts: core.EngineOptions,
           engines: core.LayerEngine, chunk_bytes: int | None, progress: ProgressFn | None,
           world: World) -> tuple[StatsResult, core.GivenStats]:
@@ -304,9 +292,10 @@ def _pool(files: list[Path], keys: Sequence[str | None], layout: str, opts: core
         core.refuse_invalid(shard.shape, shard.dtype, mode="eval", layout=layout,
                             num_features=opts.num_features, where=where)
 
-    pooled = dataset_stats(files, key=[k for k in keys if k is not None] if len(keys) > 1 else keys[0],
-                           layout=layout,
-                           allow_mixed_dtypes=True, chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
+    key = [k for k in keys if k is not None] if len(keys) > 1 else keys[0]
+    # Floating point only (checked above), so dtypes mix freely: float16 and float32 shards share a scale.
+    pooled = dataset_stats(files, key=key, layout=layout, allow_mixed_dtypes=True,
+                           chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
                            progress=progress if world.is_primary else None, world=world, check=check)
     m = pooled.moments
     mean, var = torch.from_numpy(m.mean.copy()), torch.from_numpy(m.var.copy())

@@ -85,7 +85,8 @@ class Shard:
                    bool(d["fortran_order"]), float(d["scale"]), tuple(Finding(**f) for f in d["findings"]))
 
 
-def _floats(values: np.ndarray) -> list[float | None]:
+def finite_floats(values: np.ndarray) -> list[float | None]:
+    """Values as floats for JSON, NaN/Inf as None."""
     return [float(v) if np.isfinite(v) else None for v in values]
 
 
@@ -160,9 +161,9 @@ class StatsResult:
         return {
             "inputs": [s.to_dict() for s in self.inputs], "layout": self.layout,
             "channels": m.channels, "count": m.count, "scale": self.scale,
-            "mean": _floats(m.mean), "var": _floats(m.var), "var_unbiased": _floats(m.var_unbiased),
-            "std": _floats(m.std), "std_unbiased": _floats(m.std_unbiased),
-            "min": _floats(m.minimum), "max": _floats(m.maximum),
+            "mean": finite_floats(m.mean), "var": finite_floats(m.var), "var_unbiased": finite_floats(m.var_unbiased),
+            "std": finite_floats(m.std), "std_unbiased": finite_floats(m.std_unbiased),
+            "min": finite_floats(m.minimum), "max": finite_floats(m.maximum),
             "non_finite": [int(v) for v in m.non_finite], "normalize": self.normalize_line(),
             "chunk_bytes": self.chunk_bytes, "ranks": self.ranks, "notes": list(self.notes),
         }
@@ -240,11 +241,12 @@ def check_shards(shards: Sequence[Shard], layout: str, *, allow_mixed_dtypes: bo
                               "255 and floating-point ones kept as they are).")
 
 
-def _disk_bytes(path: Path) -> int:
+def disk_bytes(path: Path) -> int:
+    """A file's size, 0 when it cannot be read (the rank that owns it reports why)."""
     try:
         return path.stat().st_size
     except OSError:
-        return 0  # the rank that owns it reports it, with the loader's message
+        return 0
 
 
 def _file_moments(shards: Sequence[Shard], channels: int, layout: str, chunk_bytes: int,
@@ -342,7 +344,7 @@ def dataset_stats(paths: PathsArg, *, key: str | Sequence[str] | None = None, la
     lay = layout or "nchw"
     # Rank 0's view of the file list and sizes decides the split, so every rank cuts the
     # same list the same way (and a folder error is reported once, collectively).
-    listing = world.gather(lambda: [(str(p), _disk_bytes(p)) for p in io.expand_inputs(_as_paths(paths), glob=glob)])
+    listing = world.gather(lambda: [(str(p), disk_bytes(p)) for p in io.expand_inputs(_as_paths(paths), glob=glob)])
     files, weights = [Path(p) for p, _ in listing[0]], [w for _, w in listing[0]]
     if not files:
         raise InputError("No input files.", hint="Pass one or more tensor files or folders.")

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from bncli.audit import findings_json
 from bncli.render import console, finding_text, fmt, kv_line, normalize_table, rows_to_show, size_text
 from bncli.wording import plural
 
@@ -27,19 +28,10 @@ def _state_json(state: Any) -> dict[str, Any] | None:
     return {k: (v.tolist() if v.ndim else v.item()) for k, v in state.items()}
 
 
-def _findings(source: Any) -> list[dict[str, Any]]:
-    """The ``--state`` layer's audit findings (``bncli inspect``'s) for a JSON document."""
-    if source is None or source.audit is None:
-        return []
-    from bncli.audit import finding_dict
-
-    return [finding_dict(f) for f in source.audit.findings]
-
-
 def _layer_json(source: Any) -> dict[str, Any]:
     return {"state_source": source.description if source else None,
             "ignored_state_keys": source.ignored_keys if source else [],
-            "state_findings": _findings(source)}
+            "state_findings": findings_json(source.audit if source else None)}
 
 
 # -- one tensor ------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ Security stance: nothing here ever unpickles. ``.pt`` files load with
 ``.safetensors`` have no code path at all. A file that would need pickle raises
 :class:`~bncli.errors.UnsafeFileError` and is never retried another way.
 
+Standard input (``-``) is read whole into a :class:`MemoryFile` that every loader takes
+like a path (:mod:`bncli.io.stdio`); whole containers are read and written back with some
+tensors replaced by :mod:`bncli.io.containers`.
+
 torch is imported lazily: peeking at a ``.npy``/``.npz``/``.safetensors`` header or
 scanning its values with NumPy does not import it.
 """
@@ -18,10 +22,7 @@ from bncli.io.formats import (
     STATE_SUFFIXES,
     TENSOR_SUFFIXES,
     TORCH_SUFFIXES,
-    MemoryFile,
-    Source,
     TensorInfo,
-    as_source,
     choose_key,
     layer_name,
     load_numpy,
@@ -34,6 +35,7 @@ from bncli.io.formats import (
     suffix_of,
 )
 from bncli.io.inputs import DEFAULT_GLOB, expand_inputs, natural_key, parse_glob
+from bncli.io.source import MemoryFile, Source, as_source
 from bncli.io.stdio import FORMATS, STDIO, check_stdout, detect_format, is_stdio, read_stdin, write_stdout
 from bncli.io.stream import NpyWriter, RawTensor, available_memory, iter_chunks, raw_tensor, read_rows
 from bncli.io.write import (

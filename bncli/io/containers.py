@@ -26,10 +26,7 @@ import numpy as np
 from bncli.errors import InputError, KeyChoiceError, OutputError
 from bncli.io.formats import (
     TORCH_SUFFIXES,
-    MemoryFile,
-    Source,
     _safetensors_header,
-    as_source,
     choose_key,
     load_npz,
     load_numpy,
@@ -37,6 +34,7 @@ from bncli.io.formats import (
     suffix_of,
     torch_tree,
 )
+from bncli.io.source import MemoryFile, Source, as_source
 from bncli.io.write import Writer, write_npz_members
 
 if TYPE_CHECKING:

@@ -13,14 +13,14 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeAlias
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from bncli.errors import InputError, KeyChoiceError, UnsafeFileError
 from bncli.io.oserrors import input_error
+from bncli.io.source import MemoryFile, Source, as_source, load_target, source_size
 
 if TYPE_CHECKING:
     import torch
@@ -48,44 +48,6 @@ _ST_DTYPES: dict[str, tuple[str | None, str]] = {
     "U16": ("<u2", "uint16"), "U32": ("<u4", "uint32"), "U64": ("<u8", "uint64"),
     "BOOL": ("?", "bool"),
 }
-
-
-@dataclass(frozen=True, eq=False)
-class MemoryFile:
-    """A tensor file's bytes held in memory (standard input, ``-``), read like a file.
-
-    The loaders take it wherever they take a path, with the same safety rules; messages
-    name it by :attr:`name`.
-
-    Attributes:
-        data: The bytes.
-        suffix: The format they hold (``.npy``, ``.npz``, ``.pt``, ``.safetensors``), as
-            detected from the content (:func:`bncli.io.stdio.detect_format`).
-        name: How messages name it.
-    """
-
-    data: bytes
-    suffix: str
-    name: str = "<stdin>"
-
-    def __str__(self) -> str:
-        return self.name
-
-    def open(self, mode: str = "rb") -> BytesIO:
-        return BytesIO(self.data)
-
-
-#: Where tensors are read from: a file, or bytes in memory.
-Source: TypeAlias = Path | MemoryFile
-
-
-def _size(src: Source) -> int:
-    return len(src.data) if isinstance(src, MemoryFile) else src.stat().st_size
-
-
-def _target(src: Source) -> Any:
-    """What np.load/torch.load/zipfile open: the path, or a fresh stream over the bytes."""
-    return src.open() if isinstance(src, MemoryFile) else src
 
 
 @dataclass(frozen=True)
@@ -192,7 +154,7 @@ def _npy_info(path: Source) -> TensorInfo:
 
 def _npz_members(path: Source) -> list[tuple[str, tuple[int, ...], str]]:
     try:
-        zf = zipfile.ZipFile(_target(path))
+        zf = zipfile.ZipFile(load_target(path))
     except zipfile.BadZipFile:
         with path.open("rb") as fh:
             if fh.read(1) == b"\x80":
@@ -218,7 +180,7 @@ def _safetensors_header(path: Source, *, keep_metadata: bool = False) -> tuple[d
 
     ``__metadata__`` is dropped unless ``keep_metadata``.
     """
-    size = _size(path)
+    size = source_size(path)
     with path.open("rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
@@ -306,7 +268,7 @@ def torch_tree(path: Source) -> Any:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it does not expect; the refusal below says it all.
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(_target(path), map_location="cpu", weights_only=True)
+            return torch.load(load_target(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in first if "Unsupported" in ln or "GLOBAL" in ln), "")
@@ -370,11 +332,6 @@ def peek(path: Source, key: str | None = None) -> TensorInfo:
     return TensorInfo(Path(str(path)), chosen or None, shape, dtype, members)
 
 
-def as_source(path: Source | str) -> Source:
-    """A path argument as a :data:`Source` (a str becomes a Path; bytes in memory stay)."""
-    return path if isinstance(path, MemoryFile) else Path(path)
-
-
 def load_tensor(path: Source, key: str | None = None) -> tuple[torch.Tensor, str | None]:
     """Load one tensor as a CPU ``torch.Tensor`` (dtype kept), safely.
 
@@ -418,7 +375,7 @@ def load_numpy(path: Source, key: str | None = None, *, mmap: bool = False) -> t
     if suffix == ".npy":
         _npy_info(path)  # refuses pickles and object arrays with a clear reason
         try:
-            return np.load(_target(path), allow_pickle=False, mmap_mode="r" if mmap else None), None
+            return np.load(load_target(path), allow_pickle=False, mmap_mode="r" if mmap else None), None
         except ValueError as exc:
             if dtype_needs_pickle_message(str(exc)):
                 raise _unsafe(path, "it needs pickle") from None
@@ -433,7 +390,7 @@ def load_npz(path: Source, names: list[str] | None = None) -> dict[str, np.ndarr
         names = [m[0] for m in _npz_members(path)]  # refuses object members with the reason
     name = ""
     try:
-        with np.load(_target(path), allow_pickle=False) as npz:
+        with np.load(load_target(path), allow_pickle=False) as npz:
             out = {}
             for name in names:
                 out[name] = npz[name]

@@ -3,7 +3,7 @@
 ``bncli normalize - -o - --format npy < a.npy > b.npy``. Standard input is read whole
 into memory, up to a cap (:func:`stdin_limit`), and its format is told from its first
 bytes (:func:`detect_format`); it is then loaded by the same safe loaders as a file
-(:class:`bncli.io.formats.MemoryFile`): ``.pt`` through ``torch.load(weights_only=True)``
+(:class:`bncli.io.source.MemoryFile`): ``.pt`` through ``torch.load(weights_only=True)``
 on the bytes, ``.npy``/``.npz`` with ``allow_pickle=False``, nothing ever unpickled.
 Output to stdout is serialized in memory first and written in one go, so a failure
 before the end writes nothing there.
@@ -20,7 +20,7 @@ import zipfile
 from typing import BinaryIO
 
 from bncli.errors import InputError, OutputError
-from bncli.io.formats import MemoryFile
+from bncli.io.source import MemoryFile
 from bncli.io.write import Writer
 
 #: How ``-`` is spelled on the command line, for input and output alike.
