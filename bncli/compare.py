@@ -6,6 +6,7 @@ data for the command to render. Nothing here prints or knows typer/rich.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from bncli.core import (
     tensor_moments,
 )
 from bncli.engine import BatchNormConfig, validate_input
+from bncli.errors import BncliError
 
 
 @dataclass
@@ -91,3 +93,16 @@ def compare_file(path: io.Source | str, *, key: str | None, layout: str, opts: E
         train_engine.config, bmean, bvar, get(before, "running_mean"),
         get(before, "running_var"), get(after, "running_mean"), get(after, "running_var"),
         int(nbt) if nbt is not None else None, tm, ts, em, es, diff.numpy(), count)
+
+
+def compare_files(sources: Sequence[io.Source], *, key: str | None, layout: str, opts: EngineOptions
+                  ) -> list[tuple[io.Source, CompareResult | None, BncliError | None]]:
+    """:func:`compare_file` of each input against the same layer; a failing input gets its
+    error and the others go on."""
+    out: list[tuple[io.Source, CompareResult | None, BncliError | None]] = []
+    for src in sources:
+        try:
+            out.append((src, compare_file(src, key=key, layout=layout, opts=opts), None))
+        except BncliError as exc:
+            out.append((src, None, exc))
+    return out

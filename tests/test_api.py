@@ -224,3 +224,13 @@ def test_inspect_is_the_cli_audit(runner: CliRunner, tmp_path: Path) -> None:
     assert json.loads(cli.stdout) == [given.to_dict()]
     bad = bncli.inspect(root / "batch.npy")
     assert bad.error and "not a model checkpoint" in bad.error and bad.fails()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+def test_normalize_array_on_cuda() -> None:
+    x = torch.from_numpy(nchw(5)).cuda()
+    y, state = bncli.normalize_array(x, device="cuda")
+    assert y.device.type == "cuda" and all(v.device.type == "cpu" for v in state.values())
+    module = torch.nn.BatchNorm2d(3).cuda()
+    torch.testing.assert_close(y, module(x).detach(), rtol=1e-5, atol=1e-5)

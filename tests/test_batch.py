@@ -369,3 +369,20 @@ def test_compare_many_inputs_one_report_each(runner: CliRunner, tmp_path: Path) 
 def test_compare_a_model_goes_alone(runner: CliRunner, tmp_path: Path) -> None:
     res = runner.invoke(app, ["compare", str(tmp_path / "m.pt2"), str(tmp_path / "x.npy")])
     assert res.exit_code == 2 and "compared on its own" in res.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+@pytest.mark.parametrize("pooled", [[], ["--dataset-stats"]], ids=["per-input", "dataset"])
+def test_many_inputs_on_cuda_equal_the_cpu_run(runner: CliRunner, tmp_path: Path, pooled: list[str]) -> None:
+    shards(tmp_path / "d", sizes=(3, 1, 5))
+    for device in ("cpu", "cuda"):
+        res = run(runner, tmp_path / "d", *pooled, "--device", device, "--output-dir", tmp_path / device,
+                  "--save-state", tmp_path / f"{device}.pt")
+        assert res.exit_code == 0, res.output
+    for i in range(3):
+        torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "cuda" / f"shard_{i}.bn.npy")),
+                                   torch.from_numpy(np.load(tmp_path / "cpu" / f"shard_{i}.bn.npy")), **TOL)
+    a, b = (torch.load(tmp_path / f"{d}.pt", weights_only=True) for d in ("cpu", "cuda"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)

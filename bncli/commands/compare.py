@@ -84,7 +84,6 @@ def compare(
                              as_json=as_json)
     from bncli import compare, core
     from bncli.commands.compare_model import refuse_model_options
-    from bncli.errors import BncliError
 
     refuse_model_options(inputs[0], data)
     if any(io.is_stdio(p) for p in inputs) and len(inputs) > 1:
@@ -99,12 +98,7 @@ def compare(
         result = compare.compare_file(sources[0], key=key, layout=layout.value, opts=opts)
         print_json(_to_json(result)) if as_json else _render(result)
         return
-    reports: list[tuple[io.Source, Any, BncliError | None]] = []
-    for src in sources:
-        try:
-            reports.append((src, compare.compare_file(src, key=key, layout=layout.value, opts=opts), None))
-        except BncliError as exc:
-            reports.append((src, None, exc))
+    reports = compare.compare_files(sources, key=key, layout=layout.value, opts=opts)
     failed = [e for _, _, e in reports if e is not None]
     if as_json:
         print_json({"files": [{"ok": True, **_to_json(r)} if e is None else
