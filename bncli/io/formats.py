@@ -20,6 +20,7 @@ import numpy as np
 
 from bncli.errors import InputError, KeyChoiceError, UnsafeFileError
 from bncli.io.oserrors import input_error
+from bncli.io.source import MemoryFile, Source, as_source, load_target, source_size
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +69,7 @@ class TensorInfo:
     keys: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
 
 
-def suffix_of(path: Path, allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> str:
+def suffix_of(path: Source, allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> str:
     """The lower-case format suffix, or an InputError naming the supported ones."""
     suffix = path.suffix.lower()
     if suffix not in allowed:
@@ -79,12 +80,15 @@ def suffix_of(path: Path, allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> str:
     return suffix
 
 
-def require_file(path: Path) -> None:
+def require_file(path: Source) -> None:
     """An existing, readable file, or the InputError that says which of these it is not.
 
     Opening it here, once, means a file this user may not read (or in a folder it may not
-    search) is reported as such, whatever loader would have opened it next.
+    search) is reported as such, whatever loader would have opened it next. Bytes in
+    memory are always there.
     """
+    if isinstance(path, MemoryFile):
+        return
     try:
         if not path.exists():
             raise InputError(f"{path}: no such file.", hint="Check the path (and the current directory).")
@@ -96,7 +100,7 @@ def require_file(path: Path) -> None:
         raise input_error(path, exc) from None
 
 
-def _unsafe(path: Path, why: str) -> UnsafeFileError:
+def _unsafe(path: Source, why: str) -> UnsafeFileError:
     hint = ("Re-save the data as plain tensors (np.save of a numeric array, "
             "torch.save(tensor or state_dict), or .safetensors) from a trusted environment.")
     if path.suffix.lower() == ".ckpt":
@@ -113,7 +117,7 @@ def _torch_dtype_name(dtype: Any) -> str:
 
 
 # -- .npy / .npz headers -------------------------------------------------------------------
-def _read_npy_header(fh: BinaryIO, path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+def _read_npy_header(fh: BinaryIO, path: Source) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     """(shape, dtype, fortran_order, data offset) of an open .npy stream."""
     try:
         version = np.lib.format.read_magic(fh)
@@ -133,7 +137,7 @@ def dtype_needs_pickle_message(text: str) -> bool:
     return "allow_pickle" in text or "pickle" in text.lower()
 
 
-def _npy_info(path: Path) -> TensorInfo:
+def _npy_info(path: Source) -> TensorInfo:
     with path.open("rb") as fh:
         head = fh.read(6)
         fh.seek(0)
@@ -145,12 +149,12 @@ def _npy_info(path: Path) -> TensorInfo:
         shape, dtype, _, _ = _read_npy_header(fh, path)
     if dtype.hasobject:
         raise _unsafe(path, "its array holds Python objects (dtype=object)")
-    return TensorInfo(path, None, shape, dtype.name, [("", shape, dtype.name)])
+    return TensorInfo(Path(str(path)), None, shape, dtype.name, [("", shape, dtype.name)])
 
 
-def _npz_members(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+def _npz_members(path: Source) -> list[tuple[str, tuple[int, ...], str]]:
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(load_target(path))
     except zipfile.BadZipFile:
         with path.open("rb") as fh:
             if fh.read(1) == b"\x80":
@@ -171,8 +175,12 @@ def _npz_members(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 # -- .safetensors header ------------------------------------------------------------------
-def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    size = path.stat().st_size
+def _safetensors_header(path: Source, *, keep_metadata: bool = False) -> tuple[dict[str, Any], int]:
+    """The JSON header (tensor entries in file order) and the offset of the data.
+
+    ``__metadata__`` is dropped unless ``keep_metadata``.
+    """
+    size = source_size(path)
     with path.open("rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
@@ -186,11 +194,15 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise InputError(f"{path}: not a valid .safetensors file (bad JSON header).",
                              hint="Check the file and its extension.") from None
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: not a valid .safetensors file (the header is no JSON object).",
+                         hint="Check the file and its extension.")
+    if not keep_metadata:
+        header.pop("__metadata__", None)
     return header, 8 + n
 
 
-def _safetensors_members(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+def _safetensors_members(path: Source) -> list[tuple[str, tuple[int, ...], str]]:
     header, _ = _safetensors_header(path)
     out = []
     for key, meta in header.items():
@@ -237,30 +249,39 @@ def layer_name(prefix: str) -> str:
     return ".".join(p for p in rest.split(".") if p and p not in WRAPPER_ATTRS)
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+def _torch_load(path: Source) -> dict[str, torch.Tensor]:
     """Every tensor of a .pt file under dotted keys ('' for a bare tensor)."""
+    out: dict[str, torch.Tensor] = {}
+    _flatten(torch_tree(path), "", out)
+    return out
+
+
+def torch_tree(path: Source) -> Any:
+    """The object a .pt file holds (tensors in dicts, lists ...), loaded with ``weights_only=True``.
+
+    Raises:
+        UnsafeFileError: It needs a full unpickle. InputError: It is no torch.save file.
+    """
     import torch
 
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it does not expect; the refusal below says it all.
             warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(load_target(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in first if "Unsupported" in ln or "GLOBAL" in ln), "")
         why = "it contains Python objects that only a full (unsafe) unpickle can rebuild"
         raise _unsafe(path, why + (f" [{detail}]" if detail else "")) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path}: cannot read this .pt file ({str(exc).splitlines()[0][:200]}).",
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"{path}: cannot read this .pt file ({first_line}).",
                          hint="Is it a file written by torch.save? It may be truncated.") from None
-    out: dict[str, torch.Tensor] = {}
-    _flatten(obj, "", out)
-    return out
 
 
 # -- public API ----------------------------------------------------------------------------
-def _choose(path: Path, members: list[tuple[str, tuple[int, ...], str]], key: str | None) -> str:
+def choose_key(path: Source, members: list[tuple[str, tuple[int, ...], str]], key: str | None) -> str:
     if not members:
         raise InputError(f"{path}: holds no tensors.", hint="Check that this is the right file.")
     names = [m[0] for m in members]
@@ -281,7 +302,7 @@ def _listing(members: list[tuple[str, tuple[int, ...], str]], limit: int = 12) -
     return "; ".join(shown) + more
 
 
-def peek(path: Path, key: str | None = None) -> TensorInfo:
+def peek(path: Source, key: str | None = None) -> TensorInfo:
     """Shape and dtype of the tensor a file holds, reading only headers where possible.
 
     ``.npy``, ``.npz`` and ``.safetensors`` are read without torch and without their
@@ -290,7 +311,7 @@ def peek(path: Path, key: str | None = None) -> TensorInfo:
     Raises:
         InputError, UnsafeFileError, KeyChoiceError: see the messages.
     """
-    path = Path(path)
+    path = as_source(path)
     require_file(path)
     suffix = suffix_of(path)
     if suffix == ".npy":
@@ -306,12 +327,12 @@ def peek(path: Path, key: str | None = None) -> TensorInfo:
     else:
         tensors = _torch_load(path)
         members = [(k, tuple(v.shape), _torch_dtype_name(v.dtype)) for k, v in tensors.items()]
-    chosen = _choose(path, members, key)
+    chosen = choose_key(path, members, key)
     _, shape, dtype = next(m for m in members if m[0] == chosen)
-    return TensorInfo(path, chosen or None, shape, dtype, members)
+    return TensorInfo(Path(str(path)), chosen or None, shape, dtype, members)
 
 
-def load_tensor(path: Path, key: str | None = None) -> tuple[torch.Tensor, str | None]:
+def load_tensor(path: Source, key: str | None = None) -> tuple[torch.Tensor, str | None]:
     """Load one tensor as a CPU ``torch.Tensor`` (dtype kept), safely.
 
     Returns:
@@ -319,19 +340,23 @@ def load_tensor(path: Path, key: str | None = None) -> tuple[torch.Tensor, str |
     """
     import torch
 
-    path = Path(path)
+    path = as_source(path)
     require_file(path)
     suffix = suffix_of(path)
     if suffix in TORCH_SUFFIXES:
         tensors = _torch_load(path)
         members = [(k, tuple(v.shape), _torch_dtype_name(v.dtype)) for k, v in tensors.items()]
-        chosen = _choose(path, members, key)
+        chosen = choose_key(path, members, key)
         return tensors[chosen], chosen or None
     if suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
-        chosen = _choose(path, _safetensors_members(path), key)
+        chosen = choose_key(path, _safetensors_members(path), key)
         try:
+            if isinstance(path, MemoryFile):
+                from safetensors.torch import load
+
+                return load(path.data)[chosen], chosen
             with safe_open(str(path), framework="pt") as fh:
                 return fh.get_tensor(chosen), chosen
         except (SafetensorError, OSError) as exc:
@@ -341,27 +366,39 @@ def load_tensor(path: Path, key: str | None = None) -> tuple[torch.Tensor, str |
     return torch.from_numpy(np.ascontiguousarray(array)), chosen_key
 
 
-def load_numpy(path: Path, key: str | None = None, *, mmap: bool = False) -> tuple[np.ndarray, str | None]:
-    """Load a ``.npy``/``.npz`` array with ``allow_pickle=False`` (``mmap`` for .npy)."""
-    path = Path(path)
+def load_numpy(path: Source, key: str | None = None, *, mmap: bool = False) -> tuple[np.ndarray, str | None]:
+    """Load a ``.npy``/``.npz`` array with ``allow_pickle=False`` (``mmap`` for a .npy file)."""
+    path = as_source(path)
+    mmap = mmap and not isinstance(path, MemoryFile)
     require_file(path)
     suffix = suffix_of(path, (".npy", ".npz"))
     if suffix == ".npy":
         _npy_info(path)  # refuses pickles and object arrays with a clear reason
         try:
-            return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None), None
+            return np.load(load_target(path), allow_pickle=False, mmap_mode="r" if mmap else None), None
         except ValueError as exc:
             if dtype_needs_pickle_message(str(exc)):
                 raise _unsafe(path, "it needs pickle") from None
             raise InputError(f"{path}: cannot read ({exc}).", hint="The file may be truncated.") from None
-    chosen = _choose(path, _npz_members(path), key)
+    chosen = choose_key(path, _npz_members(path), key)
+    return load_npz(path, [chosen])[chosen], chosen
+
+
+def load_npz(path: Source, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Members of an ``.npz`` (all, in archive order, by default) with ``allow_pickle=False``."""
+    if names is None:
+        names = [m[0] for m in _npz_members(path)]  # refuses object members with the reason
+    name = ""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return npz[chosen], chosen
+        with np.load(load_target(path), allow_pickle=False) as npz:
+            out = {}
+            for name in names:
+                out[name] = npz[name]
+            return out
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
         if dtype_needs_pickle_message(str(exc)):
-            raise _unsafe(path, f"member {chosen!r} needs pickle") from None
-        raise InputError(f"{path}: cannot read member {chosen!r} ({exc}).",
+            raise _unsafe(path, f"member {name!r} needs pickle") from None
+        raise InputError(f"{path}: cannot read member {name!r} ({exc}).",
                          hint="The archive may be truncated.") from None
 
 
