@@ -1,7 +1,7 @@
 """bncli: apply torch.nn.BatchNorm2d to tensors on disk, and explain what goes wrong around it.
 
 The Python API (see :mod:`bncli.api`): :func:`check_shape`, :func:`dataset_stats`,
-:func:`expand_inputs`, and the result types :class:`Report`, :class:`Finding`,
+:func:`normalize_array`, :func:`inspect`, :func:`expand_inputs`, and the result types :class:`Report`, :class:`Finding`,
 :class:`StatsResult`. They load on first use, so ``import bncli`` stays light (no torch,
 no NumPy).
 """
@@ -17,6 +17,8 @@ _API = {
     "check_shape": "bncli.api",
     "dataset_stats": "bncli.api",
     "expand_inputs": "bncli.api",
+    "normalize_array": "bncli.api",
+    "inspect": "bncli.api",
     "Finding": "bncli.api",
     "Report": "bncli.api",
     "StatsResult": "bncli.api",
@@ -24,10 +26,20 @@ _API = {
 }
 
 __all__ = ["DEFAULT_GLOB", "Finding", "Report", "StatsResult", "__version__", "check_shape", "dataset_stats",
-           "expand_inputs"]
+           "expand_inputs", "inspect", "normalize_array"]
 
 if TYPE_CHECKING:
-    from bncli.api import DEFAULT_GLOB, Finding, Report, StatsResult, check_shape, dataset_stats, expand_inputs
+    from bncli.api import (
+        DEFAULT_GLOB,
+        Finding,
+        Report,
+        StatsResult,
+        check_shape,
+        dataset_stats,
+        expand_inputs,
+        inspect,
+        normalize_array,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -9,23 +9,33 @@ Use it through the package root (``import bncli``); the names load lazily, so
 [('channels_last', 'warning')]
 >>> r = bncli.dataset_stats("shards/", layout="nhwc", scale=255)   # doctest: +SKIP
 >>> r.mean, r.std, r.count, r.normalize_line()                      # doctest: +SKIP
-
-Planned here, once they exist: ``normalize_array(x, mode=..., layout=..., state=None,
-**bn_options) -> (y, state_dict)`` and ``inspect(path)``.
+>>> y, state = bncli.normalize_array(x, mode="train")               # doctest: +SKIP
+>>> audit = bncli.inspect("model.pt")                               # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # dataset_stats and expand_inputs are the core functions themselves, re-exported unchanged.
 from bncli.datastats import StatsResult, dataset_stats
 from bncli.diagnose import Finding, Report, check_array, check_file
 from bncli.io.inputs import DEFAULT_GLOB, expand_inputs
 
-__all__ = ["DEFAULT_GLOB", "Finding", "Report", "StatsResult", "check_shape", "dataset_stats", "expand_inputs"]
+if TYPE_CHECKING:
+    import torch
+
+    from bncli.checkpoint import CheckpointAudit
+
+__all__ = ["DEFAULT_GLOB", "Finding", "Report", "StatsResult", "check_shape", "dataset_stats", "expand_inputs",
+           "inspect", "normalize_array"]
+
+#: ``inspect(momentum=...)`` when the layers' momentum is not known: PyTorch's default,
+#: reported as assumed (``None`` means the cumulative average, as in ``nn.BatchNorm2d``).
+ASSUMED = "assumed"
 
 
 def check_shape(path_or_array: str | os.PathLike[str] | Any, *, key: str | None = None,
@@ -61,3 +71,87 @@ def check_shape(path_or_array: str | os.PathLike[str] | Any, *, key: str | None 
                           scan_values=scan)
     return check_array(path_or_array, num_features=num_features, mode=mode, layout=layout, scan_values=scan)
 
+
+def normalize_array(x: Any, *, mode: str = "train", layout: str = "nchw",
+                    state: Mapping[str, torch.Tensor] | str | os.PathLike[str] | None = None,
+                    **bn_options: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Apply ``nn.BatchNorm2d`` to an array, as ``bncli normalize`` does to a file.
+
+    The same checks (the ``check-shape`` diagnosis and fix as an exception), the same
+    engine and the same layer options as the command.
+
+    Args:
+        x: A 4D NumPy array or torch tensor, float16/bfloat16/float32/float64.
+        mode: ``train`` (batch statistics; the running ones updated) or ``eval``.
+        layout: ``nchw``, or ``nhwc`` for channels-last arrays (the output is NHWC too).
+        state: The layer's state to start from: a state_dict (bare keys, or a model's with
+            ``prefix=``), or a state_dict/checkpoint file; default a fresh layer.
+        **bn_options: ``eps``, ``momentum`` (a float, or None for the cumulative average),
+            ``affine``, ``track_running_stats``, ``num_features``, ``weight`` and ``bias``
+            (per-channel numbers), ``prefix``, ``device``.
+
+    Returns:
+        The output (a NumPy array for a NumPy input, else a tensor on the layer's device;
+        shape, dtype and layout kept) and the layer's state_dict after the step, loadable
+        by ``nn.BatchNorm2d.load_state_dict``.
+
+    Raises:
+        ShapeError, DTypeError: ``x`` is no BatchNorm2d input (the message says why, the
+            hint how to fix it). StateError: The state does not fit. TypeError: An
+            unknown option.
+
+    Example:
+        >>> import numpy as np, bncli
+        >>> x = np.random.default_rng(0).normal(3, 2, (8, 3, 4, 4)).astype(np.float32)
+        >>> y, state = bncli.normalize_array(x)
+        >>> y.shape, y.dtype, int(state["num_batches_tracked"])
+        ((8, 3, 4, 4), dtype('float32'), 1)
+    """
+    import numpy as np
+    import torch
+
+    from bncli import core
+
+    if isinstance(state, str | os.PathLike):
+        state = Path(state)
+    opts = core.EngineOptions(state=state, **bn_options)
+    if mode not in ("train", "eval") or layout not in ("nchw", "nhwc"):
+        raise ValueError(f"mode must be 'train' or 'eval' and layout 'nchw' or 'nhwc', got {mode!r}, {layout!r}")
+    numpy_in = not isinstance(x, torch.Tensor)
+    tensor = torch.from_numpy(np.ascontiguousarray(x)) if numpy_in else x
+    engine, _ = core.prepare_tensor(tensor, mode=mode, layout=layout, engines=core.LayerEngine(opts))
+    y = core.apply_tensor(engine, tensor, mode=mode, layout=layout)
+    return (y.cpu().numpy() if numpy_in else y), engine.state_dict()
+
+
+def inspect(path: str | os.PathLike[str], *, prefix: str | None = None, eps: float | None = None,
+            momentum: float | str | None = ASSUMED) -> CheckpointAudit:
+    """Audit every BatchNorm layer of a checkpoint or exported model, as ``bncli inspect`` does.
+
+    Never raises for a bad file: one that cannot be read safely, or holds data rather
+    than layers, comes back with ``error`` and ``hint`` set.
+
+    Args:
+        path: A ``.pt``/``.pth``, Lightning ``.ckpt`` or ``.safetensors`` state_dict or
+            checkpoint (nested containers and ``module.``/``_orig_mod.`` prefixes are fine),
+            or a ``.pt2`` exported model (read safely; each BN node's own eps/momentum).
+        prefix: Audit only this layer (named as ``--prefix`` names it).
+        eps: The layers' eps (a state_dict does not store it); default 1e-5, assumed.
+            Not used for a ``.pt2``.
+        momentum: Their momentum (None: cumulative average); default 0.1, assumed.
+
+    Returns:
+        The audit: ``layers`` (each with ``prefix``, ``channels``, ``findings`` ...),
+        ``error``/``hint``, ``fails(fail_on)`` and ``to_dict()`` (an ``inspect --json``
+        entry).
+    """
+    from bncli.audit import DEFAULT_EPS, DEFAULT_MOMENTUM
+    from bncli.checkpoint import audit_file
+
+    assumed = tuple(name for name, known in (("eps", eps is not None), ("momentum", momentum != ASSUMED))
+                    if not known)
+    m = DEFAULT_MOMENTUM if momentum == ASSUMED else momentum
+    if isinstance(m, str):
+        raise ValueError(f"momentum must be a number, None or {ASSUMED!r}, got {momentum!r}")
+    return audit_file(Path(path), eps=DEFAULT_EPS if eps is None else eps, momentum=m, assumed=assumed,
+                      prefix=prefix)

@@ -129,6 +129,11 @@ class LayerAudit:
                 "findings": [finding_dict(f) for f in self.findings]}
 
 
+def findings_json(audit: LayerAudit | None) -> list[dict[str, Any]]:
+    """A layer's findings as JSON-ready data (none without an audit)."""
+    return [] if audit is None else [finding_dict(f) for f in audit.findings]
+
+
 def finding_dict(f: Finding) -> dict[str, Any]:
     """A finding as JSON-ready data (``channels`` and ``count`` for channel findings)."""
     doc = asdict(f)

@@ -5,7 +5,7 @@ Commands call these and render what they return; nothing here prints or knows ty
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import torch
 from bncli import io
 from bncli.audit import LayerAudit, audit_layer
 from bncli.engine import BatchNormConfig, BatchNormEngine, resolve_device, validate_input
-from bncli.errors import DTypeError, OutputError, ShapeError, StateError
+from bncli.errors import DTypeError, InputError, OutputError, ShapeError, StateError
 from bncli.layers import bn_layers, find_layer, layer_listing, layer_tensors
 from bncli.moments import Moments
 from bncli.wording import plural
@@ -24,17 +24,21 @@ from bncli.wording import plural
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """Everything the user can say about the BatchNorm2d layer (flags of normalize/compare)."""
+    """Everything the user can say about the BatchNorm2d layer (flags of normalize/compare).
+
+    ``state`` is a state_dict or checkpoint file (``--state``), or a state_dict itself (the
+    Python API's ``state=``).
+    """
 
     eps: float = 1e-5
     momentum: float | None = 0.1
     affine: bool = True
     track_running_stats: bool = True
     num_features: int | None = None
-    state: Path | None = None
+    state: Path | Mapping[str, torch.Tensor] | None = None
     prefix: str | None = None
-    weight: str | None = None
-    bias: str | None = None
+    weight: str | Sequence[float] | np.ndarray | None = None
+    bias: str | Sequence[float] | np.ndarray | None = None
     device: str = "cpu"
 
 
@@ -90,11 +94,13 @@ def build_engine(opts: EngineOptions, *, data_channels: int | None, data_dtype: 
     layer: dict[str, torch.Tensor] = {}
     source = LayerSource("a fresh nn.BatchNorm2d (weight 1, bias 0, running mean 0, var 1)")
     if opts.state is not None:
-        flat = io.load_state_dict(opts.state)
-        layer, prefix = select_layer(flat, opts.prefix, str(opts.state))
+        given = isinstance(opts.state, Mapping)
+        name = "the given state_dict" if given else str(opts.state)
+        flat = dict(opts.state) if isinstance(opts.state, Mapping) else io.load_state_dict(opts.state)
+        layer, prefix = select_layer(flat, opts.prefix, name)
         where = f"layer {prefix!r} of " if prefix else ""
         audit = audit_layer(layer, prefix=prefix, eps=opts.eps, momentum=opts.momentum)
-        source = LayerSource(f"{where}{opts.state}", audit=audit)
+        source = LayerSource(f"{where}{name}", audit=audit)
         # The engine refuses these too; the audit's words name the channels.
         refused = next((f for f in audit.findings if f.code in ("shape_mismatch", "negative_var")), None)
         if refused is not None:
@@ -117,7 +123,7 @@ def build_engine(opts: EngineOptions, *, data_channels: int | None, data_dtype: 
     param_dtype = torch.float64 if data_dtype == torch.float64 else torch.float32
     engine = BatchNormEngine(config, device=device, param_dtype=param_dtype)
     if opts.state is not None and not layer and (opts.affine or opts.track_running_stats):
-        raise StateError(f"{opts.state}: holds an empty state_dict (no weight, bias or running stats), "
+        raise StateError(f"{source.description}: holds an empty state_dict (no weight, bias or running stats), "
                          "as saved by a layer with --no-affine --no-track-running-stats.",
                          hint="Use it with --no-affine --no-track-running-stats, "
                               "or pass a state that holds what this layer uses.")
@@ -125,13 +131,49 @@ def build_engine(opts: EngineOptions, *, data_channels: int | None, data_dtype: 
         source.ignored_keys = engine.load_state(layer, source=source.description)
     for name, spec in (("weight", opts.weight), ("bias", opts.bias)):
         if spec is not None:
-            vec = torch.from_numpy(io.parse_vector(spec, name))
+            # A comma list or a tensor file (the flags), or numbers (the Python API).
+            vec = torch.from_numpy(io.parse_vector(spec, name) if isinstance(spec, str)
+                                   else np.asarray(spec, dtype=np.float64).reshape(-1))
             if vec.numel() != c:
                 raise StateError(f"--{name} has {plural(vec.numel(), 'value')}, but the layer has "
                                  f"{plural(c, 'channel')}.",
                                  hint=f"Give exactly {plural(c, 'value')}, one per channel.")
             engine.set_affine(**{name: vec})
     return engine, source
+
+
+class LayerEngine:
+    """The one BatchNorm2d layer of a run, built on first use and then shared.
+
+    Built from the options and the first input that needs it (C and the parameter dtype
+    may come from the data), then reused, so several inputs are consecutive steps of one
+    layer, as the batches of a training loop are.
+
+    Attributes:
+        opts: The layer's options.
+        failed: The error building the layer raised, if it did (an error of the options,
+            such as a ``--state`` that does not fit, not of one input).
+    """
+
+    def __init__(self, opts: EngineOptions) -> None:
+        self.opts = opts
+        self.failed: BaseException | None = None
+        self._built: tuple[BatchNormEngine, LayerSource] | None = None
+
+    @property
+    def built(self) -> tuple[BatchNormEngine, LayerSource] | None:
+        """The engine and where its state came from, once built."""
+        return self._built
+
+    def get(self, *, data_channels: int | None, data_dtype: torch.dtype) -> tuple[BatchNormEngine, LayerSource]:
+        """The engine (see :func:`build_engine` for ``data_channels`` and ``data_dtype``)."""
+        if self._built is None:
+            try:
+                self._built = build_engine(self.opts, data_channels=data_channels, data_dtype=data_dtype)
+            except BaseException as exc:
+                self.failed = exc
+                raise
+        return self._built
 
 
 def tensor_moments(x: torch.Tensor, layout: str, *, chunk_bytes: int = 8 << 20) -> Moments:
@@ -162,7 +204,7 @@ def channel_moments(x: torch.Tensor, layout: str) -> tuple[np.ndarray, np.ndarra
 
 
 def refuse_invalid(shape: tuple[int, ...], dtype: str, *, mode: str, layout: str, num_features: int | None,
-                   where: Path) -> None:
+                   where: object) -> None:
     """Raise the check-shape diagnosis (message and fix) for an input the engine cannot take.
 
     Runs before the engine is built (from a header alone, for a streamed file) so that
@@ -178,40 +220,52 @@ def refuse_invalid(shape: tuple[int, ...], dtype: str, *, mode: str, layout: str
         raise cls(f"{where}: {first.message}", hint=first.hint)
 
 
-def check_destinations(path: Path, output: Path, save_state: Path | None, *, force: bool) -> None:
-    """Refuse a bad output or --save-state path before any work (the input is never touched).
+def _files(paths: Sequence[io.Source]) -> list[Path]:
+    return [p for p in paths if isinstance(p, Path)]
+
+
+def check_destinations(inputs: Sequence[io.Source], output: Path | None, save_state: Path | None, *,
+                       force: bool) -> None:
+    """Refuse a bad output or --save-state path before any work (no input is ever touched).
 
     Each destination must be new (or ``force``), not an input, and in a folder this user can
     write to (probed by creating a file there), so no run fails after its work on a
-    destination that was never writable.
+    destination that was never writable. ``-`` (stdout) must not be a terminal; None is
+    no output (checked elsewhere).
     """
-    io.check_output(output, force=force, protect=[path])
+    protect = _files(inputs)
+    if output is not None and io.is_stdio(output):
+        io.check_stdout()
+    elif output is not None:
+        io.check_output(output, force=force, protect=protect)
     if save_state is not None:
-        if Path(save_state).resolve() == Path(output).resolve():
+        if output is not None and Path(save_state).resolve() == Path(output).resolve():
             raise OutputError("--save-state and the output are the same file.",
                               hint="Give them different names.")
-        io.check_output(save_state, force=force, protect=[path, output], allowed=io.STATE_OUTPUT_SUFFIXES,
-                        option="--save-state")
+        io.check_output(save_state, force=force, protect=[*protect, *([output] if output else [])],
+                        allowed=io.STATE_OUTPUT_SUFFIXES, option="--save-state")
 
 
-def commit_outputs(path: Path, write_output: Callable[[io.AtomicGroup], None],
+def commit_outputs(inputs: Sequence[io.Source], write_output: Callable[[io.AtomicGroup], None],
                    state: Callable[[], Mapping[str, torch.Tensor]], save_state: Path | None, *,
                    force: bool) -> None:
     """Stage the output (``write_output(group)``), then the state (``state()``, asked for after
     the output is written), and rename both into place, or neither.
+
+    Output to stdout happens inside ``write_output``: if it fails, no state is written.
     """
-    with io.AtomicGroup(force=force, protect=[path]) as group:
+    with io.AtomicGroup(force=force, protect=_files(inputs)) as group:
         write_output(group)
         if save_state is not None:
             group.write(save_state, io.state_writer(state(), save_state), allowed=io.STATE_OUTPUT_SUFFIXES,
                         option="--save-state")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _channels(shape: tuple[int, ...], layout: str) -> int | None:
+def channels_of(shape: tuple[int, ...], layout: str) -> int | None:
     if len(shape) != 4:
         return None
     return shape[3] if layout == "nhwc" else shape[1]
@@ -219,7 +273,7 @@ def _channels(shape: tuple[int, ...], layout: str) -> int | None:
 
 @dataclass(kw_only=True)
 class NormalizePlan:
-    """What ``normalize`` is about to do, known before the work starts (for a header)."""
+    """What ``normalize`` is about to do with one tensor, known before the work starts (for a header)."""
 
     input: Path
     output: Path
@@ -233,11 +287,18 @@ class NormalizePlan:
     state_path: Path | None
     # How it runs: {"path": "in-memory"}, or out-of-core passes/chunk size (bncli.outofcore).
     execution: dict[str, Any] = field(default_factory=lambda: {"path": "in-memory"})
+    # The input's other tensors written through unchanged, and what the output cannot hold.
+    passed_through: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    dropped_reason: str = ""
+    # The statistics it is normalized with: "batch" (its own), "running", or "given"
+    # (pooled over several inputs by normalize --dataset-stats).
+    statistics: str = "batch"
 
 
 @dataclass(kw_only=True)
 class NormalizeResult(NormalizePlan):
-    """What ``normalize`` did, for rendering."""
+    """What ``normalize`` did with one tensor, for rendering."""
 
     mean_before: np.ndarray
     std_before: np.ndarray
@@ -248,116 +309,127 @@ class NormalizeResult(NormalizePlan):
 
 #: Called once with the plan, after every check and before the passes over the data.
 StartFn = Callable[[NormalizePlan], None]
+#: Given per-channel statistics (float64 mean and biased variance) to normalize with.
+GivenStats = tuple[torch.Tensor, torch.Tensor]
 
 
-def normalize_file(path: Path, output: Path, *, key: str | None, mode: str, layout: str,
-                   opts: EngineOptions, force: bool, save_state: Path | None,
-                   execution: str = "auto", chunk_bytes: int | None = None,
-                   progress: Callable[[str, int, int], None] | None = None,
-                   on_start: StartFn | None = None) -> NormalizeResult:
-    """Load, normalize through the engine, write atomically; the input is never touched.
+def statistics_kind(mode: str, opts: EngineOptions, stats: GivenStats | None) -> str:
+    """Which statistics a tensor is normalized with (:attr:`NormalizePlan.statistics`)."""
+    if stats is not None:
+        return "given"
+    return "batch" if mode == "train" or not opts.track_running_stats else "running"
+
+
+def prepare_tensor(x: torch.Tensor, *, mode: str, layout: str, engines: LayerEngine,
+                   stats: GivenStats | None = None, where: str = "<array>") -> tuple[BatchNormEngine, LayerSource]:
+    """Check ``x`` as ``check-shape`` would (its diagnosis and fix), then get the layer for it.
+
+    Raises:
+        ShapeError, DTypeError: ``x`` is no input for this layer. StateError: The layer's
+            options (see :class:`LayerEngine`).
+    """
+    kind = statistics_kind(mode, engines.opts, stats)
+    # Batch statistics need N*H*W > 1 (train's rule); given and running ones do not.
+    refuse_invalid(tuple(x.shape), dtype_name(x.dtype), mode="train" if kind == "batch" else "eval",
+                   layout=layout, num_features=engines.opts.num_features, where=where)
+    engine, source = engines.get(data_channels=channels_of(tuple(x.shape), layout), data_dtype=x.dtype)
+    try:
+        validate_input(tuple(x.shape), x.dtype, engine.config.num_features, "eval" if stats else mode, layout)
+    except (ShapeError, DTypeError) as exc:  # e.g. the channels of a later input: name it
+        raise type(exc)(f"{where}: {exc.message}", hint=exc.hint) from None
+    return engine, source
+
+
+def apply_tensor(engine: BatchNormEngine, x: torch.Tensor, *, mode: str, layout: str,
+                 stats: GivenStats | None = None) -> torch.Tensor:
+    """One step of the layer on ``x``: ``mode``'s statistics, or the ``stats`` given (no state change)."""
+    if stats is None:
+        return engine.apply(x, mode=mode, layout=layout)
+    return engine.apply_with_stats(x, stats[0], stats[1], layout=layout)
+
+
+def normalize_file(path: io.Source | str, output: Path, *, key: str | None = None, **kwargs: Any
+                   ) -> NormalizeResult:
+    """:func:`normalize_tensors` of one tensor (``key``, or the only one the file holds)."""
+    return normalize_tensors(path, output, keys=[key], **kwargs)[0]
+
+
+def normalize_tensors(path: io.Source | str, output: Path, *, keys: Sequence[str | None], mode: str,
+                      layout: str, opts: EngineOptions, force: bool, save_state: Path | None,
+                      execution: str = "auto", chunk_bytes: int | None = None,
+                      progress: Callable[[str, int, int], None] | None = None,
+                      on_start: StartFn | None = None, engines: LayerEngine | None = None,
+                      stats: GivenStats | None = None, out_format: str | None = None,
+                      protect: Sequence[Path] = ()) -> list[NormalizeResult]:
+    """Load, normalize each of ``keys`` through the engine, write atomically; no input is touched.
+
+    Every other tensor of the file is written through unchanged, as far as the output
+    format can hold it (:func:`bncli.io.plan_output`). Each key is one step of the layer,
+    in order (``[None]``: the file's only tensor).
 
     ``execution`` is ``auto``, ``in-memory`` or ``out-of-core``; a large ``.npy`` is
     streamed in two passes by :func:`bncli.outofcore.normalize_streamed` (see
     :func:`bncli.outofcore.use_out_of_core`), with ``chunk_bytes`` and ``progress``.
     Every destination is checked before any work, and the output and ``save_state`` are
     committed together (:class:`bncli.io.AtomicGroup`): both are written, or neither.
-    ``on_start`` gets the :class:`NormalizePlan` once the input is validated.
+    ``on_start`` gets each tensor's :class:`NormalizePlan` once it is validated.
+
+    Args:
+        path: The input file, or standard input's bytes (:class:`bncli.io.MemoryFile`).
+        output: The output file, or ``-`` for stdout (in ``out_format``, default the input's).
+        engines: The run's layer (shared by several inputs); default a new one from ``opts``.
+        stats: Normalize with these statistics instead of each tensor's own, and update
+            no running statistics (``normalize --dataset-stats`` does that once).
+        protect: More files that must not be overwritten (the run's other inputs).
     """
-    path, output = Path(path), Path(output)
-    io.require_file(path)  # an unreadable input is the error to report, not the output's
-    check_destinations(path, output, save_state, force=force)
-    if execution != "in-memory":
+    src, output = io.as_source(path), Path(output)
+    to_stdout = io.is_stdio(output)
+    io.require_file(src)  # an unreadable input is the error to report, not the output's
+    check_destinations([*protect, src], output, save_state, force=force)
+    engines = engines or LayerEngine(opts)
+    in_file = isinstance(src, Path) and not to_stdout
+    if execution == "out-of-core" and not in_file:
+        raise InputError("Cannot normalize out of core: standard input and output are read and written "
+                         "whole, in memory.", hint="Pass files (-o OUT.npy), or drop --out-of-core.")
+    if execution != "in-memory" and in_file and len(keys) == 1 and isinstance(src, Path):
         from bncli import outofcore
 
-        if outofcore.use_out_of_core(path, output, key=key, execution=execution):
-            return outofcore.normalize_streamed(
-                path, output, key=key, mode=mode, layout=layout, opts=opts, force=force,
+        key = None if src.suffix.lower() == ".npy" else keys[0]
+        if outofcore.use_out_of_core(src, output, key=key, execution=execution):
+            return [outofcore.normalize_streamed(
+                src, output, key=key, mode=mode, layout=layout, opts=opts, force=force,
                 save_state=save_state, chunk_bytes=chunk_bytes or outofcore.DEFAULT_CHUNK_BYTES,
-                progress=progress, on_start=on_start)
-    x, key = io.load_tensor(path, key)
-    # Without running stats, eval mode also normalizes with batch statistics (train's rule).
-    refuse_invalid(tuple(x.shape), _dtype_name(x.dtype), mode=mode if opts.track_running_stats else "train",
-                   layout=layout, num_features=opts.num_features, where=path)
-    engine, source = build_engine(opts, data_channels=_channels(tuple(x.shape), layout),
-                                  data_dtype=x.dtype)
-    validate_input(tuple(x.shape), x.dtype, engine.config.num_features, mode, layout)
-    plan = NormalizePlan(input=path, output=output, key=key, shape=tuple(x.shape), dtype=_dtype_name(x.dtype),
-                         mode=mode, layout=layout, device=str(engine.device), source=source,
-                         state_path=save_state)
-    if on_start is not None:
-        on_start(plan)
-    mean_b, std_b = channel_moments(x, layout)
-    y = engine.apply(x, mode=mode, layout=layout)
-    mean_a, std_a = channel_moments(y, layout)
-    state = engine.state_dict()
-    commit_outputs(path, lambda group: group.write(output, io.tensor_writer(y, output, key=key)),
-                   lambda: state, save_state, force=force)
-    return NormalizeResult(**vars(plan), mean_before=mean_b, std_before=std_b, mean_after=mean_a,
-                           std_after=std_a, state=state)
+                progress=progress, on_start=on_start, engines=engines, stats=stats, protect=protect)]
+    container = io.load_container(src)
+    chosen = container.choose(keys)
+    dest_suffix = (out_format or container.suffix) if to_stdout else output.suffix.lower()
+    carry = io.plan_output(container, chosen, dest_suffix, "standard output" if to_stdout else str(output))
+    kind = statistics_kind(mode, opts, stats)
+    results: list[NormalizeResult] = []
+    replaced: dict[str, torch.Tensor] = {}
+    for k in chosen:
+        x = container.tensors[k]
+        engine, source = prepare_tensor(x, mode=mode, layout=layout, engines=engines, stats=stats,
+                                        where=f"{src} [{k}]" if k else str(src))
+        plan = NormalizePlan(input=Path(str(src)), output=output, key=k or None, shape=tuple(x.shape),
+                             dtype=dtype_name(x.dtype), mode=mode, layout=layout, device=str(engine.device),
+                             source=source, state_path=save_state, passed_through=carry.passed_through,
+                             dropped=carry.dropped, dropped_reason=carry.reason, statistics=kind)
+        if on_start is not None:
+            on_start(plan)
+        mean_b, std_b = channel_moments(x, layout)
+        y = apply_tensor(engine, x, mode=mode, layout=layout, stats=stats)
+        mean_a, std_a = channel_moments(y, layout)
+        replaced[k] = y
+        results.append(NormalizeResult(**vars(plan), mean_before=mean_b, std_before=std_b, mean_after=mean_a,
+                                       std_after=std_a, state=engine.state_dict()))
+    writer = io.container_writer(container, replaced, dest_suffix)
 
+    def write_output(group: io.AtomicGroup) -> None:
+        if to_stdout:
+            io.write_stdout(writer)
+        else:
+            group.write(output, writer)
 
-@dataclass
-class CompareResult:
-    """Train-mode versus eval-mode outputs of the same input, per channel."""
-
-    input: Path
-    key: str | None
-    shape: tuple[int, ...]
-    dtype: str
-    layout: str
-    source: LayerSource
-    config: BatchNormConfig
-    batch_mean: np.ndarray
-    batch_var: np.ndarray
-    running_mean: np.ndarray | None
-    running_var: np.ndarray | None
-    running_mean_after: np.ndarray | None
-    running_var_after: np.ndarray | None
-    num_batches_tracked_after: int | None
-    train_mean: np.ndarray
-    train_std: np.ndarray
-    eval_mean: np.ndarray
-    eval_std: np.ndarray
-    max_abs_diff: np.ndarray
-    count: int
-
-    @property
-    def overall_max_abs_diff(self) -> float:
-        return float(np.nanmax(self.max_abs_diff)) if self.max_abs_diff.size else 0.0
-
-
-def compare_file(path: Path, *, key: str | None, layout: str, opts: EngineOptions) -> CompareResult:
-    """Run one input through the engine in train mode and in eval mode.
-
-    Eval uses the running statistics as given (from ``--state`` or a fresh module), not
-    those the train pass just updated; the updated ones are reported separately.
-    """
-    x, key = io.load_tensor(Path(path), key)
-    refuse_invalid(tuple(x.shape), _dtype_name(x.dtype), mode="train", layout=layout,
-                   num_features=opts.num_features, where=Path(path))
-    channels = _channels(tuple(x.shape), layout)
-    train_engine, source = build_engine(opts, data_channels=channels, data_dtype=x.dtype)
-    eval_engine, _ = build_engine(opts, data_channels=channels, data_dtype=x.dtype)
-    validate_input(tuple(x.shape), x.dtype, train_engine.config.num_features, "train", layout)
-    before = eval_engine.state_dict()
-    y_eval = eval_engine.apply(x, mode="eval", layout=layout)
-    y_train = train_engine.apply(x, mode="train", layout=layout)
-    after = train_engine.state_dict()
-    dims = (0, 1, 2) if layout == "nhwc" else (0, 2, 3)
-    diff = (y_train.to("cpu", torch.float64) - y_eval.to("cpu", torch.float64)).abs().amax(dim=dims)
-    batch = tensor_moments(x, layout)
-    bmean, bvar = batch.mean, batch.var
-    tm, ts = channel_moments(y_train, layout)
-    em, es = channel_moments(y_eval, layout)
-    count = int(x.numel() // train_engine.config.num_features)
-
-    def get(state: dict[str, torch.Tensor], k: str) -> np.ndarray | None:
-        return state[k].double().numpy() if k in state else None
-
-    nbt = after.get("num_batches_tracked")
-    return CompareResult(
-        Path(path), key, tuple(x.shape), _dtype_name(x.dtype), layout, source,
-        train_engine.config, bmean, bvar, get(before, "running_mean"),
-        get(before, "running_var"), get(after, "running_mean"), get(after, "running_var"),
-        int(nbt) if nbt is not None else None, tm, ts, em, es, diff.numpy(), count)
+    commit_outputs([*protect, src], write_output, lambda: results[-1].state, save_state, force=force)
+    return results

@@ -10,7 +10,7 @@ No typer, no rich, no printing; torch only for :func:`stats_state_dict`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,7 +85,8 @@ class Shard:
                    bool(d["fortran_order"]), float(d["scale"]), tuple(Finding(**f) for f in d["findings"]))
 
 
-def _floats(values: np.ndarray) -> list[float | None]:
+def finite_floats(values: np.ndarray) -> list[float | None]:
+    """Values as floats for JSON, NaN/Inf as None."""
     return [float(v) if np.isfinite(v) else None for v in values]
 
 
@@ -176,9 +177,9 @@ class StatsResult:
         return {
             "inputs": [s.to_dict() for s in self.inputs], "layout": self.layout,
             "channels": m.channels, "count": m.count, "scale": self.scale,
-            "mean": _floats(m.mean), "var": _floats(m.var), "var_unbiased": _floats(m.var_unbiased),
-            "std": _floats(m.std), "std_unbiased": _floats(m.std_unbiased),
-            "min": _floats(self.minimum), "max": _floats(self.maximum),
+            "mean": finite_floats(m.mean), "var": finite_floats(m.var), "var_unbiased": finite_floats(m.var_unbiased),
+            "std": finite_floats(m.std), "std_unbiased": finite_floats(m.std_unbiased),
+            "min": finite_floats(self.minimum), "max": finite_floats(self.maximum),
             "non_finite": [int(v) for v in m.non_finite], "normalize": self.normalize_line(),
             "chunk_bytes": self.chunk_bytes, "ranks": self.ranks, "notes": list(self.notes),
         }
@@ -256,11 +257,12 @@ def check_shards(shards: Sequence[Shard], layout: str, *, allow_mixed_dtypes: bo
                               "255 and floating-point ones kept as they are).")
 
 
-def _disk_bytes(path: Path) -> int:
+def disk_bytes(path: Path) -> int:
+    """A file's size, 0 when it cannot be read (the rank that owns it reports why)."""
     try:
         return path.stat().st_size
     except OSError:
-        return 0  # the rank that owns it reports it, with the loader's message
+        return 0
 
 
 def _file_moments(shards: Sequence[Shard], channels: int, layout: str, chunk_bytes: int,
@@ -296,11 +298,16 @@ def _as_paths(paths: PathsArg) -> list[str | os.PathLike[str]]:
     return [paths] if isinstance(paths, str | os.PathLike) else list(paths)
 
 
-def dataset_stats(paths: PathsArg, *, key: str | None = None, layout: str | None = None,
+def _shard_keys(path: Path, keys: Sequence[str | None]) -> Sequence[str | None]:
+    """The tensors of one file that count: each key of a container, a .npy's one array once."""
+    return [None] if path.suffix.lower() == ".npy" else keys
+
+
+def dataset_stats(paths: PathsArg, *, key: str | Sequence[str] | None = None, layout: str | None = None,
                   scale: float = 1.0, glob: str | Sequence[str] | None = None,
                   allow_mixed_dtypes: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                   progress: ProgressFn | None = None, workers: int | None = None,
-                  world: World | None = None) -> StatsResult:
+                  world: World | None = None, check: Callable[[Shard], None] | None = None) -> StatsResult:
     """Exact per-channel statistics over every value of one or more files (``bncli stats``).
 
     Each file is read a chunk at a time (see :func:`bncli.io.iter_chunks`); the result
@@ -312,7 +319,8 @@ def dataset_stats(paths: PathsArg, *, key: str | None = None, layout: str | None
     Args:
         paths: Files, folders (expanded with ``glob``, see :func:`bncli.io.expand_inputs`)
             or one path; any mix of formats with the same channel count.
-        key: Tensor name inside containers that hold several (ignored for ``.npy`` shards).
+        key: Tensor name inside containers that hold several (ignored for ``.npy`` shards);
+            several names make each of those tensors of every container a shard.
         layout: ``nchw`` or ``nhwc``; ``None`` means nchw, and inputs that look
             channels-last then get a note.
         scale: Divide the values of *integer* inputs by this, e.g. 255 for uint8 images
@@ -326,6 +334,8 @@ def dataset_stats(paths: PathsArg, *, key: str | None = None, layout: str | None
         world: Processes sharing the pass (:func:`bncli.distributed.session`); default
             this process only. Every rank must call with the same arguments; each gets the
             full result.
+        check: Called with every shard's header before any data is read (e.g. to refuse
+            what a later step cannot take); it may raise.
 
     Returns:
         The statistics, the inputs and notes for the user.
@@ -350,23 +360,36 @@ def dataset_stats(paths: PathsArg, *, key: str | None = None, layout: str | None
     lay = layout or "nchw"
     # Rank 0's view of the file list and sizes decides the split, so every rank cuts the
     # same list the same way (and a folder error is reported once, collectively).
-    listing = world.gather(lambda: [(str(p), _disk_bytes(p)) for p in io.expand_inputs(_as_paths(paths), glob=glob)])
+    listing = world.gather(lambda: [(str(p), disk_bytes(p)) for p in io.expand_inputs(_as_paths(paths), glob=glob)])
     files, weights = [Path(p) for p, _ in listing[0]], [w for _, w in listing[0]]
     if not files:
         raise InputError("No input files.", hint="Pass one or more tensor files or folders.")
     blocks = split_contiguous(weights, world.size)
     mine = blocks[world.rank]
     # Every header before any data: a bad shard at the end fails in a second.
-    headers = world.gather(lambda: [read_shard(files[i], key, lay, layout_given=layout is not None).to_dict()
-                                    for i in mine])
+    keys = [key] if key is None or isinstance(key, str) else list(key)
+
+    def own_headers() -> list[dict[str, Any]]:
+        out = []
+        for i in mine:
+            for k in _shard_keys(files[i], keys):
+                shard = read_shard(files[i], k, lay, layout_given=layout is not None)
+                if check is not None:
+                    check(shard)
+                out.append(shard.to_dict())
+        return out
+
+    headers = world.gather(own_headers)
+    counts = [len(part) for part in headers]  # shards per rank (a file may hold several)
+    first = sum(counts[:world.rank])
     shards = [Shard.from_dict(d) for part in headers for d in part]
     check_shards(shards, lay, allow_mixed_dtypes=allow_mixed_dtypes)
     shards = [replace(s, scale=float(scale) if s.is_integer else 1.0) for s in shards]
     channels = shards[0].shape[3 if lay == "nhwc" else 1]
     own: list[Moments] = []
-    world.gather(lambda: own.extend(_file_moments(shards[mine.start:mine.stop], channels, lay, chunk_bytes,
-                                                  workers or default_workers(), progress)))
-    acc = merge_pairwise(world.gather_moments(own, [len(b) for b in blocks], channels), channels)
+    world.gather(lambda: own.extend(_file_moments(shards[first:first + counts[world.rank]], channels, lay,
+                                                  chunk_bytes, workers or default_workers(), progress)))
+    acc = merge_pairwise(world.gather_moments(own, counts, channels), channels)
     if acc.count == 0:
         raise ShapeError("The inputs hold no values (every file has a zero-size axis).",
                          hint="Check how the files were written.")

@@ -17,7 +17,7 @@ import itertools
 import os
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,7 +31,7 @@ from bncli.moments import Moments, block_moments, estimate_shift
 if TYPE_CHECKING:
     import torch
 
-    from bncli.core import EngineOptions, NormalizePlan, NormalizeResult
+    from bncli.core import EngineOptions, GivenStats, LayerEngine, NormalizePlan, NormalizeResult
 
 #: Default chunk size: 8 MiB keeps the handful of chunks in flight far inside a 512 MB
 #: budget (next to ~220 MB for torch itself) and makes per-chunk overhead negligible.
@@ -177,7 +177,9 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
                        layout: str = "nchw", opts: EngineOptions | None = None, force: bool = False,
                        save_state: Path | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                        progress: ProgressFn | None = None, workers: int | None = None,
-                       on_start: Callable[[NormalizePlan], None] | None = None) -> NormalizeResult:
+                       on_start: Callable[[NormalizePlan], None] | None = None,
+                       engines: LayerEngine | None = None, stats: GivenStats | None = None,
+                       protect: Sequence[Path] = ()) -> NormalizeResult:
     """Normalize a ``.npy`` too big for memory, as ``nn.BatchNorm2d`` would, in two passes.
 
     Pass 1 computes the exact per-channel batch mean and biased variance of the whole
@@ -190,7 +192,8 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
     The report's "after" statistics are derived from the exact input statistics and the
     affine map the chunks went through (``y = a * x + b`` per channel), not re-measured.
     The output and ``save_state`` are committed together, or neither; ``on_start`` gets
-    the plan before the first pass.
+    the plan before the first pass. ``engines``, ``stats`` and ``protect`` are those of
+    :func:`bncli.core.normalize_tensors` (given ``stats``: one pass, no running-stat update).
 
     Raises:
         InputError, OutputError: The input/output cannot be streamed (see :func:`streamable`),
@@ -207,15 +210,15 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
     raw, why, hint = streamable(path, output, key)
     if raw is None:
         raise InputError(f"Cannot normalize out of core: {why}.", hint=hint)
-    core.check_destinations(path, output, save_state, force=force)
+    core.check_destinations([*protect, path], output, save_state, force=force)
     # A huge file with the wrong shape or dtype is refused from its header, before any work.
-    core.refuse_invalid(raw.shape, raw.dtype.name, mode=mode, layout=layout,
+    core.refuse_invalid(raw.shape, raw.dtype.name, mode="eval" if stats is not None else mode, layout=layout,
                         num_features=opts.num_features, where=raw.path)
     dtype = getattr(torch, raw.dtype.name)
     axis = 3 if layout == "nhwc" else 1
-    engine, source = core.build_engine(opts, data_channels=raw.shape[axis], data_dtype=dtype)
+    engine, source = (engines or core.LayerEngine(opts)).get(data_channels=raw.shape[axis], data_dtype=dtype)
     channels = engine.config.num_features
-    batch_stats = mode == "train" or not engine.config.track_running_stats
+    batch_stats = stats is None and (mode == "train" or not engine.config.track_running_stats)
     # Batch statistics need more than one value per channel, as in train mode.
     validate_input(raw.shape, dtype, channels, "train" if batch_stats else "eval", layout)
     count = int(np.prod(raw.shape, dtype=np.int64)) // channels
@@ -233,7 +236,8 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
                  "workers": workers, "after_statistics": "derived"}
     plan = core.NormalizePlan(input=path, output=output, key=None, shape=raw.shape, dtype=raw.dtype.name,
                               mode=mode, layout=layout, device=str(engine.device), source=source,
-                              state_path=save_state, execution=execution)
+                              state_path=save_state, execution=execution,
+                              statistics=core.statistics_kind(mode, opts, stats))
     if on_start is not None:
         on_start(plan)
     threads = torch.get_num_threads()
@@ -262,6 +266,8 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
                 done += part.count * channels * raw.dtype.itemsize
                 tick(task, done)
             mean64, var64 = before.mean, before.var
+        elif stats is not None:
+            mean64, var64 = stats[0].double().numpy(), stats[1].double().numpy()
         else:
             assert engine.module.running_mean is not None and engine.module.running_var is not None
             mean64 = engine.module.running_mean.detach().cpu().double().numpy()
@@ -273,12 +279,12 @@ def normalize_streamed(path: Path, output: Path, *, key: str | None = None, mode
         with io.NpyWriter(tmp, raw.shape, raw.dtype.newbyteorder("=")) as writer:
             _apply_pass(engine, blocks(), writer, mean_t, var_t, layout,
                         None if batch_stats else before, workers, lambda done: tick(task, done))
-        if mode == "train":
+        if mode == "train" and stats is None:
             engine.update_running_stats(mean_t, var_t, count)
 
     one_thread()
     try:
-        core.commit_outputs(path, write_output, engine.state_dict, save_state, force=force)
+        core.commit_outputs([*protect, path], write_output, engine.state_dict, save_state, force=force)
     finally:
         torch.set_num_threads(threads)
     state = engine.state_dict()

@@ -132,3 +132,105 @@ def test_readme_api_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     test = doctest.DocTestParser().get_doctest(block.group(1), {}, "README", "README.md", 0)
     results = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE).run(test)
     assert results.attempted >= 10 and results.failed == 0
+
+
+# -- normalize_array and inspect ----------------------------------------------------------------
+def nchw(seed: int = 0, shape: tuple[int, ...] = (5, 3, 4, 6)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=shape) * rng.uniform(0.5, 3, shape[1])[None, :, None, None] + 2).astype(np.float32)
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum": None}, {"eps": 1e-3, "weight": [0.5, 2, -1], "bias": [1, 0, 0]},
+                                     {"affine": False}, {"track_running_stats": False}])
+def test_normalize_array_is_batchnorm2d(options: dict[str, Any]) -> None:
+    from reference import ReferenceBatchNorm2d
+
+    x = nchw()
+    y, state = bncli.normalize_array(x, **options)
+    weights = {k: options.pop(k) for k in ("weight", "bias") if k in options}
+    module = torch.nn.BatchNorm2d(3, **options)
+    if weights:
+        with torch.no_grad():
+            module.weight.copy_(torch.tensor(weights["weight"], dtype=torch.float32))
+            module.bias.copy_(torch.tensor(weights["bias"], dtype=torch.float32))
+    assert isinstance(y, np.ndarray) and y.dtype == np.float32 and y.shape == x.shape
+    torch.testing.assert_close(torch.from_numpy(y), module(torch.from_numpy(x)).detach(), rtol=0, atol=0)
+    ref = ReferenceBatchNorm2d(3, **options, state=weights or None)
+    np.testing.assert_allclose(y, ref.forward(x, training=True), rtol=1e-5, atol=1e-5)
+    assert state.keys() == module.state_dict().keys()
+    for k, v in module.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+    torch.nn.BatchNorm2d(3, **options).load_state_dict(state)  # loadable as it is
+
+
+def test_normalize_array_chains_states_and_takes_tensors_and_files(tmp_path: Path) -> None:
+    a, b = torch.from_numpy(nchw(1)), torch.from_numpy(nchw(2)).bfloat16()
+    module = torch.nn.BatchNorm2d(3)
+    y1, s1 = bncli.normalize_array(a)
+    y2, s2 = bncli.normalize_array(b, state=s1)  # the next train step starts from the last state
+    assert isinstance(y2, torch.Tensor) and y2.dtype == torch.bfloat16
+    torch.testing.assert_close(y1, module(a).detach(), rtol=0, atol=0)
+    torch.testing.assert_close(y2, module(b.float()).detach().bfloat16(), rtol=2e-2, atol=2e-2)
+    assert int(s2["num_batches_tracked"]) == 2
+    torch.save({"model": {"bn": s2}}, tmp_path / "ckpt.pt")
+    y3, s3 = bncli.normalize_array(a.numpy(), mode="eval", state=tmp_path / "ckpt.pt", prefix="bn")
+    module.eval()
+    torch.testing.assert_close(torch.from_numpy(y3), module(a).detach(), rtol=1e-6, atol=1e-6)
+    assert int(s3["num_batches_tracked"]) == 2
+    nhwc = np.ascontiguousarray(nchw(3).transpose(0, 2, 3, 1))
+    y4, _ = bncli.normalize_array(nhwc, layout="nhwc")
+    torch.testing.assert_close(torch.from_numpy(y4).permute(0, 3, 1, 2),
+                               torch.nn.BatchNorm2d(3)(torch.from_numpy(nhwc).permute(0, 3, 1, 2)).detach(),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_normalize_array_errors_are_check_shape_s(runner: CliRunner) -> None:
+    from bncli.errors import DTypeError, ShapeError
+
+    with pytest.raises(ShapeError, match="got 3D input of shape") as err:
+        bncli.normalize_array(np.zeros((3, 8, 8), np.float32))
+    assert err.value.hint == bncli.check_shape(np.zeros((3, 8, 8), np.float32)).findings[0].hint
+    with pytest.raises(DTypeError, match="uint8"):
+        bncli.normalize_array(np.zeros((2, 3, 4, 4), np.uint8))
+    with pytest.raises(TypeError):
+        bncli.normalize_array(nchw(), epsilon=1e-3)
+    with pytest.raises(ValueError, match="mode must be"):
+        bncli.normalize_array(nchw(), mode="training")
+
+
+def test_normalize_array_equals_the_cli_bit_for_bit(runner: CliRunner, tmp_path: Path) -> None:
+    x = nchw(4)
+    np.save(tmp_path / "x.npy", x)
+    res = runner.invoke(app, ["normalize", str(tmp_path / "x.npy"), "--momentum", "none", "--json"])
+    assert res.exit_code == 0, res.output
+    y, state = bncli.normalize_array(x, momentum=None)
+    assert np.load(tmp_path / "x.bn.npy").tobytes() == y.tobytes()
+    doc = json.loads(res.stdout)
+    assert doc["state"]["running_var"] == state["running_var"].tolist()
+
+
+def test_inspect_is_the_cli_audit(runner: CliRunner, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent / "sample_data"
+    audit = bncli.inspect(root / "broken.ckpt")
+    res = runner.invoke(app, ["inspect", str(root / "broken.ckpt"), "--json"])
+    assert json.loads(res.stdout) == [audit.to_dict()]
+    assert audit.fails() and {f.code for layer in audit.layers for f in layer.findings} >= {"var_below_eps"}
+    assert audit.layers[0].to_dict()["assumed"] == ["eps", "momentum"]
+    given = bncli.inspect(root / "broken.ckpt", eps=1e-3, momentum=None, prefix="features.1")
+    assert [layer.prefix for layer in given.layers] == ["state_dict.model.features.1"]
+    assert given.layers[0].to_dict()["assumed"] == []
+    cli = runner.invoke(app, ["inspect", str(root / "broken.ckpt"), "--eps", "1e-3", "--momentum", "none",
+                              "--prefix", "features.1", "--json"])
+    assert json.loads(cli.stdout) == [given.to_dict()]
+    bad = bncli.inspect(root / "batch.npy")
+    assert bad.error and "not a model checkpoint" in bad.error and bad.fails()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+def test_normalize_array_on_cuda() -> None:
+    x = torch.from_numpy(nchw(5)).cuda()
+    y, state = bncli.normalize_array(x, device="cuda")
+    assert y.device.type == "cuda" and all(v.device.type == "cpu" for v in state.values())
+    module = torch.nn.BatchNorm2d(3).cuda()
+    torch.testing.assert_close(y, module(x).detach(), rtol=1e-5, atol=1e-5)

@@ -194,3 +194,41 @@ def test_torchrun_error_on_one_rank_reaches_the_user_once(tmp_path: Path) -> Non
     assert errors[0].startswith("Error: shards/shard_4.npy: ") and errors[0].endswith("(rank 1 of 3)")
     assert "Fix:" in proc.stderr
     assert "bncli/" not in proc.stderr.split("Error:")[0]  # no bncli traceback before the message
+
+
+def write_float_shards(folder: Path) -> None:
+    """Five NCHW float32 shards of uneven size, with per-channel offsets."""
+    rng = np.random.default_rng(5)
+    folder.mkdir()
+    for i, n in enumerate((2, 1, 3, 1, 9)):
+        x = rng.normal(size=(n, 3, 6, 5)) * np.array([1.0, 2.0, 0.5])[None, :, None, None] + [[[[0.5]], [[-1]], [[3]]]]
+        np.save(folder / f"shard_{i}.npy", x.astype(np.float32))
+
+
+@pytest.mark.slow
+def test_torchrun_normalize_dataset_stats_equals_one_process(runner: CliRunner, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    write_float_shards(tmp_path / "shards")
+    args = ["normalize", "shards", "--dataset-stats", "--json"]
+    proc = run_torchrun(2, [*args, "--output-dir", "out2", "--save-state", "bn2.pt"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)  # exactly one JSON document: only rank 0 prints
+    assert doc["summary"] == {"files": 5, "written": 5, "failed": 0, "tensors": 5, "ranks": 2}
+    monkeypatch.chdir(tmp_path)
+    single = runner.invoke(app, [*args, "--output-dir", "out1", "--save-state", "bn1.pt"])
+    assert single.exit_code == 0, single.output
+    one = json.loads(single.stdout)
+    assert one["summary"]["ranks"] == 1 and one["dataset"] == doc["dataset"]  # the statistics, bit for bit
+    for i in range(5):  # each rank wrote its own files; they are the one-process files, byte for byte
+        assert (tmp_path / "out2" / f"shard_{i}.bn.npy").read_bytes() == \
+            (tmp_path / "out1" / f"shard_{i}.bn.npy").read_bytes()
+    a, b = (torch.load(tmp_path / f"bn{n}.pt", weights_only=True) for n in (1, 2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [f["input"] for f in doc["files"]] == [f["input"] for f in one["files"]]
+    # Equal to nn.BatchNorm2d on all the shards as one batch.
+    xs = [torch.from_numpy(np.load(tmp_path / "shards" / f"shard_{i}.npy")) for i in range(5)]
+    module = torch.nn.BatchNorm2d(3)
+    whole = module(torch.cat(xs)).detach()
+    got = torch.cat([torch.from_numpy(np.load(tmp_path / "out2" / f"shard_{i}.bn.npy")) for i in range(5)])
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b["running_var"], module.running_var, rtol=1e-6, atol=1e-7)

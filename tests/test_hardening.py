@@ -91,8 +91,8 @@ def test_json_helper_nulls_non_finite_values_everywhere() -> None:
 
 
 COMMAND_CORES = {
-    "normalize": ("bncli.core.normalize_file", ["normalize", "{batch}", "-o", "{tmp}/o.npy"]),
-    "compare": ("bncli.core.compare_file", ["compare", "{batch}"]),
+    "normalize": ("bncli.core.normalize_tensors", ["normalize", "{batch}", "-o", "{tmp}/o.npy"]),
+    "compare": ("bncli.compare.compare_file", ["compare", "{batch}"]),
     "stats": ("bncli.datastats.dataset_stats", ["stats", "{batch}"]),
     "check-shape": ("bncli.api.check_shape", ["check-shape", "{batch}"]),
     "bench": ("bncli.bench.run", ["bench", "--shape", "2,3,4,4"]),

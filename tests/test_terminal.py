@@ -94,6 +94,12 @@ OUTPUTS = [
     ["stats", "{s}/batch_nhwc.npy", "{s}/batch.npy"],
     ["stats", "{s}/batch.npy", "--chunk-size", "999999999999"],
     ["normalize", "{s}/batch.npy", "--weight", "nan,1,1"],
+    ["normalize", "{s}/batch.npy", "{s}/image.npy", "{s}/dataset.npz", "{s}/batch.safetensors", "--key", "images",
+     "--output-dir", "{s}/out1", "--save-state", "{s}/f.pt"],
+    ["normalize", "{s}/batch.npy", "{s}/dataset.npz", "{s}/batch.safetensors", "--key", "images",
+     "--dataset-stats", "--output-dir", "{s}/out2"],
+    ["normalize", "{s}/dataset.npz", "--key", "images", "-o", "{s}/g.npy"],
+    ["compare", "{s}/batch.npy", "{s}/image.npy", "{s}/dataset.npz", "--key", "images"],
 ]
 
 

@@ -194,11 +194,9 @@ def finite_or_none(value: float) -> float | None:
 
 def state_findings(source: Any) -> list[dict[str, Any]]:
     """The ``--state`` layer's audit findings (``bncli inspect``'s) for a JSON document."""
-    if getattr(source, "audit", None) is None:
-        return []
-    from bncli.audit import finding_dict
+    from bncli.audit import findings_json
 
-    return [finding_dict(f) for f in source.audit.findings]
+    return findings_json(getattr(source, "audit", None))
 
 
 @contextlib.contextmanager

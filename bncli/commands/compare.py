@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from bncli.commands.common import finite_or_none, handle_errors, print_json, state_findings
+import typer
+
+from bncli.commands.common import finite_or_none, handle_errors, print_error, print_json, state_findings
 from bncli.commands.model_options import BatchSizeOpt, DataOpt, DropLastOpt
 from bncli.commands.options import (
     AffineOpt,
@@ -12,12 +15,13 @@ from bncli.commands.options import (
     Device,
     DeviceOpt,
     EpsOpt,
-    InputArg,
+    GlobOpt,
     JsonOpt,
     KeyOpt,
     Layout,
     LayoutOpt,
     MomentumOpt,
+    NormalizeInputsArg,
     NumFeaturesOpt,
     PrefixOpt,
     StateOpt,
@@ -29,8 +33,9 @@ from bncli.commands.options import (
 
 @handle_errors
 def compare(
-    input: InputArg,
+    inputs: NormalizeInputsArg,
     key: KeyOpt = None,
+    glob: GlobOpt = None,
     layout: LayoutOpt = Layout.nchw,
     eps: EpsOpt = 1e-5,
     momentum: MomentumOpt = "0.1",
@@ -47,13 +52,15 @@ def compare(
     drop_last: DropLastOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run INPUT through the same layer in train mode and in eval mode, and show the gap.
+    """Run each INPUT through the same layer in train mode and in eval mode, and show the gap.
 
     Eval uses the running statistics as given (--state/--prefix, or a fresh module's
     mean 0 / var 1), not the ones the train pass updates; those are shown separately.
-    Nothing is written. With an exported model (MODEL.pt2) and --data, runs
-    the whole model in both modes and names the BN layer whose running
-    statistics break eval.
+    Nothing is written. Several inputs (files, folders: see --glob; - for
+    standard input) get one report each, every one against the same layer; a
+    bad input does not stop the others (exit 1 at the end). With an exported
+    model (MODEL.pt2) and --data, runs the whole model in both modes and names
+    the BN layer whose running statistics break eval.
 
     Examples:
 
@@ -61,26 +68,51 @@ def compare(
 
         bncli compare batch.npy --state model.pt --prefix layer1.0.bn1 --json
 
+        bncli compare shards/ --state model.pt --prefix input_bn
+
         bncli compare model.pt2 --data batch.npy   # whole model, per BN layer
     """
-    if input.suffix.lower() == ".pt2":
+    from bncli import io
+
+    if any(Path(p).suffix.lower() == ".pt2" for p in inputs):
+        if len(inputs) > 1:
+            raise typer.BadParameter("a whole model (MODEL.pt2) is compared on its own; its data go in --data.",
+                                     param_hint="'INPUT'")
         from bncli.commands.compare_model import compare_model
 
-        return compare_model(input, data, key=key, batch_size=batch_size, drop_last=drop_last, as_json=as_json)
-    from bncli import core
+        return compare_model(inputs[0], data, key=key, batch_size=batch_size, drop_last=drop_last,
+                             as_json=as_json)
+    from bncli import compare, core
     from bncli.commands.compare_model import refuse_model_options
 
-    refuse_model_options(input, data)
-
+    refuse_model_options(inputs[0], data)
+    if any(io.is_stdio(p) for p in inputs) and len(inputs) > 1:
+        raise typer.BadParameter("- (standard input) must be the only input.", param_hint="'INPUT'")
+    files = io.expand_inputs(inputs, glob=glob, allow_stdin=True)
     opts = core.EngineOptions(
         eps=eps, momentum=parse_momentum(momentum), affine=affine,
         track_running_stats=track_running_stats, num_features=num_features, state=state,
         prefix=prefix, weight=weight, bias=bias, device=device.value)
-    result = core.compare_file(input, key=key, layout=layout.value, opts=opts)
+    sources: list[io.Source] = [io.read_stdin() if io.is_stdio(f) else f for f in files]
+    if len(inputs) == 1 and files == [Path(inputs[0])]:  # one file named as itself: its report, as ever
+        result = compare.compare_file(sources[0], key=key, layout=layout.value, opts=opts)
+        print_json(_to_json(result)) if as_json else _render(result)
+        return
+    reports = compare.compare_files(sources, key=key, layout=layout.value, opts=opts)
+    failed = [e for _, _, e in reports if e is not None]
     if as_json:
-        print_json(_to_json(result))
+        print_json({"files": [{"ok": True, **_to_json(r)} if e is None else
+                              {"ok": False, "input": str(src), "error": {"type": type(e).__name__,
+                                                                         "message": e.message, "hint": e.hint}}
+                              for src, r, e in reports],
+                    "summary": {"files": len(reports), "compared": len(reports) - len(failed),
+                                "failed": len(failed)}})
     else:
-        _render(result)
+        _render_many(reports)
+    for e in failed:
+        print_error(e.message, e.hint)
+    if failed:
+        raise typer.Exit(1)
 
 
 def state_notes(r: Any) -> list[str]:
@@ -199,3 +231,33 @@ def _render(r: Any) -> None:
     out.print("[bold]Why they differ[/]")
     for line in explain(r):
         out.print(f"  • {escape(line)}")
+
+
+def _render_many(reports: list[tuple[Any, Any, Any]]) -> None:
+    """One report per input under a rule, then one summary row per input."""
+    import numpy as np
+    from rich.markup import escape
+    from rich.rule import Rule
+    from rich.table import Table
+
+    from bncli.render import console, fmt
+
+    out = console()
+    summary = Table(title="Summary: largest |train - eval| per input", title_justify="left", show_edge=False,
+                    pad_edge=False)
+    for name in ("#", "input", "shape", "largest", "at channel"):
+        summary.add_column(name, justify="left" if name in ("input", "shape") else "right")
+    for i, (src, r, exc) in enumerate(reports, 1):
+        out.print(Rule(escape(f"{i}/{len(reports)} {src}"), align="left"))
+        if exc is not None:
+            out.print("failed: the error is printed below")
+            summary.add_row(str(i), escape(str(src)), "", "[red]failed[/]", "")
+            continue
+        _render(r)
+        finite = r.max_abs_diff.size and np.isfinite(r.max_abs_diff).any()
+        summary.add_row(str(i), escape(str(src) + (f" [{r.key}]" if r.key else "")), str(r.shape),
+                        fmt(r.overall_max_abs_diff), str(int(np.nanargmax(r.max_abs_diff))) if finite else "-")
+    out.print(Rule())
+    out.print(summary)
+    done = sum(exc is None for _, _, exc in reports)
+    out.print(f"compared {done} of {len(reports)} inputs")

@@ -70,18 +70,15 @@ def inspect(
 
         bncli inspect ckpts/*.pt --eps 1e-3 --momentum 0.01 --fail-on warning
     """
-    from bncli.audit import DEFAULT_EPS, DEFAULT_MOMENTUM
-    from bncli.checkpoint import audit_file
+    from bncli import api
 
-    m = DEFAULT_MOMENTUM if momentum is None else parse_momentum(momentum)
-    assumed = tuple(name for name, given in (("eps", eps), ("momentum", momentum)) if given is None)
-    if len(assumed) < 2 and any(p.suffix.lower() == ".pt2" for p in checkpoints):
+    m = api.ASSUMED if momentum is None else parse_momentum(momentum)
+    if (eps is not None or momentum is not None) and any(p.suffix.lower() == ".pt2" for p in checkpoints):
         from bncli.render import console
 
         console(stderr=True).print("[yellow]Note:[/] --eps/--momentum apply to checkpoints; a .pt2 "
                                    "is audited with each BN node's own eps and momentum.")
-    reports = [audit_file(p, eps=DEFAULT_EPS if eps is None else eps, momentum=m, assumed=assumed,
-                          prefix=prefix) for p in checkpoints]
+    reports = [api.inspect(p, prefix=prefix, eps=eps, momentum=m) for p in checkpoints]
     failed = [r for r in reports if r.fails(fail_on.value)]
     if as_json:
         print_json([r.to_dict(fail_on.value) for r in reports])

@@ -1,30 +1,35 @@
-"""``bncli normalize``: apply nn.BatchNorm2d to a tensor file and write the result."""
+"""``bncli normalize``: apply nn.BatchNorm2d to tensor files and write the results."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from bncli.commands.common import finite_or_none, handle_errors, print_json, state_findings
+from bncli.commands.common import handle_errors, primary_rank_reports, print_error, print_json
 from bncli.commands.options import (
     AffineOpt,
     BiasOpt,
     ChunkSizeOpt,
+    DatasetStatsOpt,
     Device,
     DeviceOpt,
     EpsOpt,
     ForceOpt,
-    InputArg,
+    FormatOpt,
+    GlobOpt,
     JsonOpt,
-    KeyOpt,
+    KeysOpt,
     Layout,
     LayoutOpt,
     Mode,
     ModeOpt,
     MomentumOpt,
+    NormalizeInputsArg,
     NumFeaturesOpt,
+    OutputDirOpt,
     PrefixOpt,
     SaveStateOpt,
     StateOpt,
@@ -33,15 +38,21 @@ from bncli.commands.options import (
     parse_momentum,
 )
 
+#: Names a folder input does not contribute (unless --glob is given): normalize's own outputs.
+OWN_OUTPUTS = ("*.bn.*",)
+
 
 @handle_errors
 def normalize(
-    input: InputArg,
+    inputs: NormalizeInputsArg,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", metavar="FILE", readable=False,
-        help="Where to write; the extension picks the format. "
-             "Default: INPUT's name with .bn before the extension, beside it.")] = None,
-    key: KeyOpt = None,
+        "--output", "-o", metavar="FILE|-", readable=False,
+        help="Where to write (one input); the extension picks the format; - for standard output "
+             "(see --format). Default: INPUT's name with .bn before the extension, beside it.")] = None,
+    output_dir: OutputDirOpt = None,
+    key: KeysOpt = None,
+    glob: GlobOpt = None,
+    dataset_stats: DatasetStatsOpt = False,
     mode: ModeOpt = Mode.train,
     layout: LayoutOpt = Layout.nchw,
     eps: EpsOpt = 1e-5,
@@ -61,14 +72,23 @@ def normalize(
         help="Stream a .npy in two passes with memory bounded by --chunk-size, or load it whole. "
              "Default: stream .npy files of 256 MiB or more, or too big for the free memory.")] = None,
     chunk_size: ChunkSizeOpt = None,
+    fmt: FormatOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Normalize INPUT exactly as torch.nn.BatchNorm2d would.
+    """Normalize each INPUT exactly as torch.nn.BatchNorm2d would.
 
-    Reports shapes and per-channel mean/std before and after. The input is never
-    modified; the outputs are written atomically (no partial file on failure or
-    Ctrl-C), the output and --save-state together or neither, and an existing file
-    is kept unless --force. The dtype is kept.
+    Reports shapes and per-channel mean/std before and after. Inputs are never
+    modified; outputs are written atomically (no partial file on failure or
+    Ctrl-C), one input's output and --save-state together or neither, and an
+    existing file is kept unless --force. The dtype is kept, and so are a
+    container's other tensors.
+
+    Several inputs (files, folders: see --glob) run through one layer, in
+    order: in train mode each input is one batch, so N inputs are N train
+    steps, and --save-state saves the state after the last; --dataset-stats
+    makes them one batch instead. A bad input does not stop the others: a
+    summary at the end, exit 1 if any failed. - reads standard input and -o -
+    writes standard output (the report then goes to stderr).
 
     Examples:
 
@@ -78,89 +98,103 @@ def normalize(
 
         bncli normalize images_nhwc.npy --layout nhwc -o out.pt --json
 
+        bncli normalize shards/ --output-dir out --dataset-stats
+
+        bncli normalize multi.pt --key images --key crops   # masks kept as is
+
+        bncli normalize - -o - --format npy < a.npy > b.npy
+
         bncli normalize huge.npy --out-of-core --chunk-size 64M
     """
-    from bncli import core, io
+    from bncli import batch, core, distributed, io, render_normalize
+    from bncli.errors import InputError
     from bncli.progress import progress_callback
 
+    keys = _check_usage(inputs, output, output_dir, key, fmt, dataset_stats, mode, as_json)
+    files = io.expand_inputs(inputs, glob=glob, allow_stdin=True, exclude=() if glob else OWN_OUTPUTS)
+    if output is not None and len(files) > 1:
+        raise typer.BadParameter(f"-o names one output, and the inputs are {len(files)} files; use "
+                                 "--output-dir DIR for several.", param_hint="'-o'")
     opts = core.EngineOptions(
         eps=eps, momentum=parse_momentum(momentum), affine=affine,
         track_running_stats=track_running_stats, num_features=num_features, state=state,
         prefix=prefix, weight=weight, bias=bias, device=device.value)
     execution = "auto" if out_of_core is None else "out-of-core" if out_of_core else "in-memory"
-    with progress_callback(enabled=not as_json) as progress:
-        result = core.normalize_file(
-            input, output or io.default_output(input), key=key, mode=mode.value, layout=layout.value,
-            opts=opts, force=force, save_state=save_state, execution=execution,
-            chunk_bytes=chunk_size, progress=progress, on_start=None if as_json else _render_header)
-    if as_json:
-        print_json(_to_json(result))
-    else:
-        _render(result)
+    to_stdout = output is not None and io.is_stdio(output)
+    # One file named as itself: its own report, as ever; anything more: the run's report.
+    single = len(inputs) == 1 and files == [Path(inputs[0])] and len(keys) == 1
+    with primary_rank_reports(), distributed.session() as world:
+        if world.size > 1 and any(io.is_stdio(f) for f in files):
+            raise InputError("- (standard input) cannot be shared by torchrun's ranks.",
+                             hint="Save it to a file first and pass the file.")
+        sources: list[io.Source] = [io.read_stdin() if io.is_stdio(f) else f for f in files]
+        outputs = batch.output_paths(sources, output=output, output_dir=output_dir)
+        show = not as_json and world.is_primary
+        header = render_normalize.header if single else _once(render_normalize.batch_header, files=len(sources),
+                                                               keys=keys, dataset=dataset_stats)
+        with io.output_folder(output_dir, create=world.is_primary), progress_callback(enabled=show) as progress:
+            result = batch.normalize_many(
+                sources, outputs, keys=keys, mode=mode.value, layout=layout.value, opts=opts, force=force,
+                save_state=save_state, dataset=dataset_stats, execution=execution, chunk_bytes=chunk_size,
+                out_format=io.FORMATS[fmt.value] if fmt else None, progress=progress,
+                on_start=(lambda plan: header(plan, stderr=to_stdout)) if show else None, world=world)
+        if not world.is_primary:
+            return
+        if single:
+            r = result.files[0].results[0]
+            if as_json:
+                print_json(render_normalize.to_json(r))
+            else:
+                render_normalize.render(r, stderr=to_stdout)
+            return
+        if as_json:
+            print_json(render_normalize.batch_json(result))
+        else:
+            render_normalize.render_batch(result)
+        for f in result.failed:
+            print_error(f.error["message"] if f.error else "", f.error["hint"] if f.error else None)
+        if result.failed:
+            raise typer.Exit(1)
 
 
-def _to_json(r: Any) -> dict[str, Any]:
-    def lst(a: Any) -> list[float | None]:
-        return [finite_or_none(float(v)) for v in a]
+def _check_usage(inputs: list[Path], output: Path | None, output_dir: Path | None, key: list[str] | None,
+                 fmt: Any, dataset: bool, mode: Mode, as_json: bool) -> list[str | None]:
+    """Refuse option combinations that cannot work (exit 2), before any file is read; the keys."""
+    from bncli.io import is_stdio
 
-    state = {k: (v.tolist() if v.ndim else v.item()) for k, v in r.state.items()}
-    return {
-        "input": str(r.input), "output": str(r.output), "key": r.key, "shape": list(r.shape),
-        "dtype": r.dtype, "mode": r.mode, "layout": r.layout, "device": r.device,
-        "state_source": r.source.description,
-        "ignored_state_keys": r.source.ignored_keys,
-        "state_findings": state_findings(r.source),
-        "save_state": str(r.state_path) if r.state_path else None,
-        "execution": r.execution,
-        "channels": [
-            {"channel": i, "mean_before": mb, "std_before": sb, "mean_after": ma, "std_after": sa}
-            for i, (mb, sb, ma, sa) in enumerate(zip(lst(r.mean_before), lst(r.std_before),
-                                                     lst(r.mean_after), lst(r.std_after), strict=True))
-        ],
-        "state": state,
-    }
-
-
-def _render_header(plan: Any) -> None:
-    """What will happen, printed before the passes (and their progress bars) start."""
-    from bncli.render import console, kv_line, size_text
-
-    out = console()
-    out.print(kv_line([("input", str(plan.input) + (f" [{plan.key}]" if plan.key else "")),
-                       ("shape", str(plan.shape)), ("dtype", plan.dtype), ("layout", plan.layout)], out.width))
-    out.print(kv_line([("mode", plan.mode), ("device", plan.device), ("state", plan.source.description)], out.width))
-    if plan.execution.get("path") == "out-of-core":
-        passes = plan.execution["passes"]
-        out.print(kv_line([("out-of-core", f"{passes} {'pass' if passes == 1 else 'passes'}, "
-                                           f"{size_text(plan.execution['chunk_bytes'])} chunks; 'after' "
-                                           "columns derived from input stats")], out.width))
+    stdin = any(is_stdio(p) for p in inputs)
+    to_stdout = output is not None and is_stdio(output)
+    checks = [
+        (output is not None and output_dir is not None, "'-o'",
+         "give -o FILE (one input) or --output-dir DIR, not both."),
+        (stdin and len(inputs) > 1, "'INPUT'", "- (standard input) must be the only input."),
+        (stdin and output is None, "'-o'", "standard input has no name to derive an output from; "
+         "give -o FILE, or -o - for standard output."),
+        (fmt is not None and not to_stdout, "'--format'",
+         "--format is the format of -o - (standard output); a file's extension picks its format."),
+        (to_stdout and as_json, "'--json'", "with -o - the data fills standard output, so no JSON "
+         "document can go there; write the data to a file (-o FILE) for the JSON report."),
+        (dataset and mode == Mode.eval, "'--dataset-stats'",
+         "--dataset-stats computes batch statistics, which eval mode does not use; drop one of them."),
+        (dataset and stdin, "'--dataset-stats'", "--dataset-stats reads its inputs twice and standard "
+         "input can be read once; save it to a file first."),
+    ]
+    for failed, hint, message in checks:
+        if failed:
+            raise typer.BadParameter(message, param_hint=hint)
+    keys: list[str | None] = list(key) if key else [None]
+    twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if twice is not None:
+        raise typer.BadParameter(f"{twice!r} is given twice; name each tensor once.", param_hint="'--key'")
+    return keys
 
 
-def _render(r: Any) -> None:
-    from bncli.render import console, kv_line, normalize_table
+def _once(render: Callable[..., None], **kwargs: Any) -> Callable[..., None]:
+    """``render(plan, **kwargs)`` for the first plan only (the run's header)."""
+    done: list[bool] = []
 
-    out = console()
-    cols = [("mean before", r.mean_before), ("std before", r.std_before),
-            ("mean after", r.mean_after), ("std after", r.std_after)]
-    title = "Per-channel statistics (biased std, as BatchNorm uses)"
-    out.print(normalize_table(len(r.mean_before), cols, title))
-    if "num_batches_tracked" in r.state:
-        out.print(kv_line([("num_batches_tracked", str(int(r.state["num_batches_tracked"])))], out.width))
-    out.print(kv_line([("wrote", str(r.output))] +
-                      ([("state", str(r.state_path))] if r.state_path else []), out.width))
-    audit = r.source.audit
-    if r.mode == "eval" and audit is not None and audit.findings:
-        # Eval output is only as good as the running stats: say what bncli inspect would.
-        from rich.text import Text
-
-        from bncli.render import finding_text
-
-        notes = Text(f"Note: the state ({r.source.description}) has findings "
-                     "(as bncli inspect reports them):\n", style="yellow")
-        for f in audit.findings:
-            finding_text(f, notes)
-        notes.rstrip()
-        console(stderr=True).print(notes)
-    if r.source.ignored_keys:
-        console(stderr=True).print(f"[yellow]Note:[/] ignored state keys {r.source.ignored_keys} "
-                                   "(not used with these options).")
+    def header(plan: Any, stderr: bool = False) -> None:
+        if not done:
+            done.append(True)
+            render(plan, stderr=stderr, **kwargs)
+    return header

@@ -192,8 +192,8 @@ ChunkSizeOpt = Annotated[int | None, typer.Option(
          "Peak memory is a few chunks.")]
 SaveStateOpt = Annotated[Path | None, typer.Option(
     "--save-state", metavar="FILE", readable=False,
-    help="Write the layer's state_dict after this step (.pt/.safetensors), loadable "
-         "with nn.BatchNorm2d.load_state_dict and with --state.")]
+    help="Write the layer's state_dict after this step (after the last, for several inputs; only "
+         "if all succeed) as .pt/.safetensors, loadable with nn.BatchNorm2d.load_state_dict and --state.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing output files.")]
 
 
@@ -216,3 +216,33 @@ GlobOpt = Annotated[str | None, typer.Option(
     help="Files to take from a folder input: comma-separated patterns, e.g. 'train_*.npy' "
          "(default: every format bncli reads). Sub-folders are not searched; files named "
          "directly are always taken.")]
+
+
+# -- normalize over many inputs, stdin and stdout ------------------------------------------
+class Format(str, Enum):
+    """The format of -o - (standard output)."""
+
+    npy = "npy"
+    npz = "npz"
+    pt = "pt"
+    safetensors = "safetensors"
+
+
+NormalizeInputsArg = Annotated[list[Path], typer.Argument(
+    help="Tensor files (.npy .npz .pt/.pth/.ckpt .safetensors), folders of them, or - for standard input.",
+    show_default=False, metavar="INPUT", readable=False)]
+KeysOpt = Annotated[list[str] | None, typer.Option(
+    "--key", "-k", metavar="KEY",
+    help="Which tensor of a .pt/.npz/.safetensors to normalize (listed if ambiguous); repeat it for "
+         "several, each its own batch. The file's other tensors are written through unchanged.")]
+OutputDirOpt = Annotated[Path | None, typer.Option(
+    "--output-dir", metavar="DIR", file_okay=False, readable=False,
+    help="Write each result into DIR (created if missing) as NAME.bn.EXT. Default: beside each input.")]
+FormatOpt = Annotated[Format | None, typer.Option(
+    "--format", case_sensitive=False, show_default="the input's",
+    help="Format of -o - (standard output). Standard input's format is told from its bytes.")]
+DatasetStatsOpt = Annotated[bool, typer.Option(
+    "--dataset-stats",
+    help="One exact pass over all inputs first, then normalize each with the pooled statistics "
+         "and update the running stats once, as one batch of everything (train mode). Default: "
+         "each input its own batch, in order.")]

@@ -22,6 +22,7 @@ from bncli.errors import InputError, KeyChoiceError, UnsafeFileError
 from bncli.io.oserrors import input_error
 from bncli.io.safetensors_header import members as _safetensors_members
 from bncli.io.safetensors_header import read_header as _safetensors_header
+from bncli.io.source import MemoryFile, Source, as_source, load_target
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +61,7 @@ class TensorInfo:
     keys: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
 
 
-def suffix_of(path: Path, allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> str:
+def suffix_of(path: Source, allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> str:
     """The lower-case format suffix, or an InputError naming the supported ones."""
     suffix = path.suffix.lower()
     if suffix == ".pt2" and suffix not in allowed:
@@ -78,12 +79,15 @@ def suffix_of(path: Path, allowed: tuple[str, ...] = TENSOR_SUFFIXES) -> str:
     return suffix
 
 
-def require_file(path: Path) -> None:
+def require_file(path: Source) -> None:
     """An existing, readable file, or the InputError that says which of these it is not.
 
     Opening it here, once, means a file this user may not read (or in a folder it may not
-    search) is reported as such, whatever loader would have opened it next.
+    search) is reported as such, whatever loader would have opened it next. Bytes in
+    memory are always there.
     """
+    if isinstance(path, MemoryFile):
+        return
     try:
         if not path.exists():
             raise InputError(f"{path}: no such file.", hint="Check the path (and the current directory).")
@@ -95,7 +99,7 @@ def require_file(path: Path) -> None:
         raise input_error(path, exc) from None
 
 
-def _unsafe(path: Path, why: str) -> UnsafeFileError:
+def _unsafe(path: Source, why: str) -> UnsafeFileError:
     hint = ("Re-save the data as plain tensors (np.save of a numeric array, "
             "torch.save(tensor or state_dict), or .safetensors) from a trusted environment.")
     if path.suffix.lower() == ".ckpt":
@@ -112,7 +116,7 @@ def _torch_dtype_name(dtype: Any) -> str:
 
 
 # -- .npy / .npz headers -------------------------------------------------------------------
-def _read_npy_header(fh: BinaryIO, path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+def _read_npy_header(fh: BinaryIO, path: Source) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     """(shape, dtype, fortran_order, data offset) of an open .npy stream."""
     try:
         version = np.lib.format.read_magic(fh)
@@ -132,7 +136,7 @@ def dtype_needs_pickle_message(text: str) -> bool:
     return "allow_pickle" in text or "pickle" in text.lower()
 
 
-def _npy_info(path: Path) -> TensorInfo:
+def _npy_info(path: Source) -> TensorInfo:
     with path.open("rb") as fh:
         head = fh.read(6)
         fh.seek(0)
@@ -144,12 +148,12 @@ def _npy_info(path: Path) -> TensorInfo:
         shape, dtype, _, _ = _read_npy_header(fh, path)
     if dtype.hasobject:
         raise _unsafe(path, "its array holds Python objects (dtype=object)")
-    return TensorInfo(path, None, shape, dtype.name, [("", shape, dtype.name)])
+    return TensorInfo(Path(str(path)), None, shape, dtype.name, [("", shape, dtype.name)])
 
 
-def _npz_members(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+def _npz_members(path: Source) -> list[tuple[str, tuple[int, ...], str]]:
     try:
-        zf = zipfile.ZipFile(path)
+        zf = zipfile.ZipFile(load_target(path))
     except zipfile.BadZipFile:
         with path.open("rb") as fh:
             if fh.read(1) == b"\x80":
@@ -182,9 +186,7 @@ def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
     import torch
 
     if isinstance(obj, torch.Tensor):
-        # weights_only loads sparse tensors too; every consumer (BatchNorm2d, NumPy, the
-        # audit) needs the dense values, which are exactly what the file stores.
-        out[prefix] = obj.to_dense() if obj.layout != torch.strided else obj
+        out[prefix] = obj
     elif isinstance(obj, Mapping):
         for k, v in obj.items():
             _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
@@ -230,15 +232,46 @@ def _not_a_pickle(detail: str) -> bool:
     return chr(int(m.group(1))) not in {op.code for op in pickletools.opcodes}
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+def _torch_load(path: Source) -> dict[str, torch.Tensor]:
     """Every tensor of a .pt file under dotted keys ('' for a bare tensor)."""
+    out: dict[str, torch.Tensor] = {}
+    _flatten(torch_tree(path), "", out)
+    return out
+
+
+def _densified(obj: Any) -> Any:
+    """``obj`` with every sparse tensor replaced by its dense values, containers kept.
+
+    weights_only loads sparse tensors too; every consumer (BatchNorm2d, NumPy, the audit,
+    a container written back) needs the dense values, which are exactly what the file stores.
+    """
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to_dense() if obj.layout != torch.strided else obj
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = _densified(v)
+    elif isinstance(obj, list):
+        obj[:] = [_densified(v) for v in obj]
+    elif isinstance(obj, tuple):
+        return type(obj)(_densified(v) for v in obj) if type(obj) is tuple else obj
+    return obj
+
+
+def torch_tree(path: Source) -> Any:
+    """The object a .pt file holds (tensors in dicts, lists ...), loaded with ``weights_only=True``.
+
+    Raises:
+        UnsafeFileError: It needs a full unpickle. InputError: It is no torch.save file.
+    """
     import torch
 
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it does not expect; the refusal below says it all.
             warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return _densified(torch.load(load_target(path), map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in first if "Unsupported" in ln or "GLOBAL" in ln), "")
@@ -256,13 +289,10 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
                                                      else type(exc).__name__])[0][:200]
         raise InputError(f"{path}: cannot read this .pt file ({detail}).",
                          hint="Is it a file written by torch.save? It may be truncated.") from None
-    out: dict[str, torch.Tensor] = {}
-    _flatten(obj, "", out)
-    return out
 
 
 # -- public API ----------------------------------------------------------------------------
-def _choose(path: Path, members: list[tuple[str, tuple[int, ...], str]], key: str | None) -> str:
+def choose_key(path: Source, members: list[tuple[str, tuple[int, ...], str]], key: str | None) -> str:
     if not members:
         raise InputError(f"{path}: holds no tensors.", hint="Check that this is the right file.")
     names = [m[0] for m in members]
@@ -283,7 +313,7 @@ def _listing(members: list[tuple[str, tuple[int, ...], str]], limit: int = 12) -
     return "; ".join(shown) + more
 
 
-def peek(path: Path, key: str | None = None) -> TensorInfo:
+def peek(path: Source, key: str | None = None) -> TensorInfo:
     """Shape and dtype of the tensor a file holds, reading only headers where possible.
 
     ``.npy``, ``.npz`` and ``.safetensors`` are read without torch and without their
@@ -292,7 +322,7 @@ def peek(path: Path, key: str | None = None) -> TensorInfo:
     Raises:
         InputError, UnsafeFileError, KeyChoiceError: see the messages.
     """
-    path = Path(path)
+    path = as_source(path)
     require_file(path)
     suffix = suffix_of(path)
     if suffix == ".npy":
@@ -308,12 +338,12 @@ def peek(path: Path, key: str | None = None) -> TensorInfo:
     else:
         tensors = _torch_load(path)
         members = [(k, tuple(v.shape), _torch_dtype_name(v.dtype)) for k, v in tensors.items()]
-    chosen = _choose(path, members, key)
+    chosen = choose_key(path, members, key)
     _, shape, dtype = next(m for m in members if m[0] == chosen)
-    return TensorInfo(path, chosen or None, shape, dtype, members)
+    return TensorInfo(Path(str(path)), chosen or None, shape, dtype, members)
 
 
-def load_tensor(path: Path, key: str | None = None) -> tuple[torch.Tensor, str | None]:
+def load_tensor(path: Source, key: str | None = None) -> tuple[torch.Tensor, str | None]:
     """Load one tensor as a CPU ``torch.Tensor`` (dtype kept), safely.
 
     Returns:
@@ -321,19 +351,23 @@ def load_tensor(path: Path, key: str | None = None) -> tuple[torch.Tensor, str |
     """
     import torch
 
-    path = Path(path)
+    path = as_source(path)
     require_file(path)
     suffix = suffix_of(path)
     if suffix in TORCH_SUFFIXES:
         tensors = _torch_load(path)
         members = [(k, tuple(v.shape), _torch_dtype_name(v.dtype)) for k, v in tensors.items()]
-        chosen = _choose(path, members, key)
+        chosen = choose_key(path, members, key)
         return tensors[chosen], chosen or None
     if suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
-        chosen = _choose(path, _safetensors_members(path), key)
+        chosen = choose_key(path, _safetensors_members(path), key)
         try:
+            if isinstance(path, MemoryFile):
+                from safetensors.torch import load
+
+                return load(path.data)[chosen], chosen
             with safe_open(str(path), framework="pt") as fh:
                 return fh.get_tensor(chosen), chosen
         except (SafetensorError, OSError) as exc:
@@ -348,31 +382,43 @@ def _native(array: np.ndarray) -> np.ndarray:
     return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
 
-def load_numpy(path: Path, key: str | None = None, *, mmap: bool = False) -> tuple[np.ndarray, str | None]:
-    """Load a ``.npy``/``.npz`` array with ``allow_pickle=False`` (``mmap`` for .npy).
+def load_numpy(path: Source, key: str | None = None, *, mmap: bool = False) -> tuple[np.ndarray, str | None]:
+    """Load a ``.npy``/``.npz`` array with ``allow_pickle=False`` (``mmap`` for a .npy file).
 
     Loaded arrays come in native byte order; a memory map keeps the file's.
     """
-    path = Path(path)
+    path = as_source(path)
+    mmap = mmap and not isinstance(path, MemoryFile)
     require_file(path)
     suffix = suffix_of(path, (".npy", ".npz"))
     if suffix == ".npy":
         _npy_info(path)  # refuses pickles and object arrays with a clear reason
         try:
-            array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+            array = np.load(load_target(path), allow_pickle=False, mmap_mode="r" if mmap else None)
         except ValueError as exc:
             if dtype_needs_pickle_message(str(exc)):
                 raise _unsafe(path, "it needs pickle") from None
             raise InputError(f"{path}: cannot read ({exc}).", hint="The file may be truncated.") from None
         return (array if mmap else _native(array)), None
-    chosen = _choose(path, _npz_members(path), key)
+    chosen = choose_key(path, _npz_members(path), key)
+    return load_npz(path, [chosen])[chosen], chosen
+
+
+def load_npz(path: Source, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Members of an ``.npz`` (all, in archive order, by default) with ``allow_pickle=False``."""
+    if names is None:
+        names = [m[0] for m in _npz_members(path)]  # refuses object members with the reason
+    name = ""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return _native(npz[chosen]), chosen
+        with np.load(load_target(path), allow_pickle=False) as npz:
+            out = {}
+            for name in names:
+                out[name] = _native(npz[name])
+            return out
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
         if dtype_needs_pickle_message(str(exc)):
-            raise _unsafe(path, f"member {chosen!r} needs pickle") from None
-        raise InputError(f"{path}: cannot read member {chosen!r} ({exc}).",
+            raise _unsafe(path, f"member {name!r} needs pickle") from None
+        raise InputError(f"{path}: cannot read member {name!r} ({exc}).",
                          hint="The archive may be truncated.") from None
 
 

@@ -64,7 +64,7 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatchcase(lower, p.lower()) for p in patterns)
 
 
-def _folder_files(folder: Path, patterns: Sequence[str]) -> list[Path]:
+def _folder_files(folder: Path, patterns: Sequence[str], exclude: Sequence[str] = ()) -> list[Path]:
     try:
         entries = list(os.scandir(folder))
     except OSError as exc:
@@ -72,10 +72,14 @@ def _folder_files(folder: Path, patterns: Sequence[str]) -> list[Path]:
     # Hidden names are skipped: bncli's own in-progress outputs are ".NAME.part" files.
     names = [e.name for e in entries if not e.name.startswith(".")]
     found = [folder / e.name for e in entries
-             if not e.name.startswith(".") and e.is_file() and matches(e.name, patterns)]
+             if not e.name.startswith(".") and e.is_file() and matches(e.name, patterns)
+             and not matches(e.name, exclude)]
     if not found:
         shown = ", ".join(sorted(names, key=natural_key)[:5]) + (" ..." if len(names) > 5 else "")
         holds = f"it holds {plural(len(names), 'other entry', 'other entries')} ({shown})" if names else "it is empty"
+        skipped = [n for n in names if matches(n, exclude)]
+        if skipped:
+            holds += f", of which {len(skipped)} skipped as named {','.join(exclude)}"
         raise InputError(f"{folder}: no file in this folder matches {','.join(patterns)}; {holds}.",
                          hint="Pass --glob with the pattern of your files (e.g. --glob '*.bin.npy'), "
                               "or the files themselves. Sub-folders are not searched.")
@@ -92,7 +96,8 @@ def _pattern_files(pattern: str) -> list[Path]:
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike[str]], *,
-                  glob: str | Sequence[str] | None = None, allow_stdin: bool = False) -> list[Path]:
+                  glob: str | Sequence[str] | None = None, allow_stdin: bool = False,
+                  exclude: Sequence[str] = ()) -> list[Path]:
     """Turn files, folders and wildcard patterns into an ordered, de-duplicated file list.
 
     * A file is kept as given, whatever its name (``--glob`` does not filter it); a path
@@ -100,7 +105,8 @@ def expand_inputs(paths: Iterable[str | os.PathLike[str]], *,
     * A folder contributes the files directly inside it whose names match one of the
       ``glob`` patterns (case-insensitive), in natural order (``shard_2`` before
       ``shard_10``). Sub-folders are not searched, hidden files (``.name``) are skipped.
-      A folder with no matching file is an error.
+      A folder with no matching file is an error. Names matching an ``exclude``
+      pattern are skipped there (``normalize`` skips its own ``*.bn.*`` outputs).
     * A path that does not exist but holds ``*``, ``?`` or ``[`` is a pattern (for shells
       that pass it through, and for quoted arguments): expanded, natural order; no match is
       an error.
@@ -115,6 +121,7 @@ def expand_inputs(paths: Iterable[str | os.PathLike[str]], *,
         glob: Patterns for folders, comma-separated or a sequence; None for
             :data:`DEFAULT_GLOB` (every format bncli reads).
         allow_stdin: Whether ``-`` is accepted.
+        exclude: Patterns of names a folder does not contribute.
 
     Returns:
         The files, in order. Empty only when ``paths`` is empty.
@@ -156,7 +163,7 @@ def expand_inputs(paths: Iterable[str | os.PathLike[str]], *,
             add(path)
             continue
         if is_dir:
-            for found in _folder_files(path, patterns):
+            for found in _folder_files(path, patterns, exclude):
                 add(found)
         elif not exists and _WILDCARDS.search(text):
             for found in _pattern_files(text):

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import math
 import struct
-from pathlib import Path
 from typing import Any
 
 from bncli.errors import InputError
+from bncli.io.source import Source, source_size
 
 # safetensors dtype tag -> (numpy dtype or None, bncli dtype name)
 ST_DTYPES: dict[str, tuple[str | None, str]] = {
@@ -34,12 +34,12 @@ _BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, 
 _MAX_HEADER = 100_000_000
 
 
-def _bad(path: Path, why: str) -> InputError:
+def _bad(path: Source, why: str) -> InputError:
     return InputError(f"{path}: not a valid .safetensors file: {why}.",
                       hint="The file may be truncated or corrupt, or not a .safetensors file; re-create it.")
 
 
-def _check_member(path: Path, key: str, meta: Any, data_bytes: int) -> None:
+def _check_member(path: Source, key: str, meta: Any, data_bytes: int) -> None:
     if not isinstance(meta, dict):
         raise _bad(path, f"tensor {key!r} is described by {type(meta).__name__}, not an object")
     tag, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
@@ -59,14 +59,16 @@ def _check_member(path: Path, key: str, meta: Any, data_bytes: int) -> None:
         raise _bad(path, f"tensor {key!r} has {end - begin} bytes, but shape {shape} of {tag} needs {need}")
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The tensors' header entries (``__metadata__`` dropped) and the data section's offset.
+def read_header(path: Source, *, keep_metadata: bool = False) -> tuple[dict[str, Any], int]:
+    """The tensors' header entries (in file order) and the data section's offset.
+
+    ``__metadata__`` is dropped unless ``keep_metadata``.
 
     Raises:
         InputError: Too short, a header length beyond the file, not JSON, or an entry
             that does not describe a tensor inside the file (see the module docs).
     """
-    size = path.stat().st_size
+    size = source_size(path)
     with path.open("rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
@@ -82,13 +84,15 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
                              hint="Check the file and its extension.") from None
     if not isinstance(header, dict):
         raise _bad(path, "the header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
     for key, meta in header.items():
         _check_member(path, key, meta, size - 8 - n)
+    if keep_metadata and metadata is not None:
+        header["__metadata__"] = metadata
     return header, 8 + n
 
 
-def members(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+def members(path: Source) -> list[tuple[str, tuple[int, ...], str]]:
     """(key, shape, bncli dtype name) of every tensor, from the validated header."""
     header, _ = read_header(path)
     return [(key, tuple(meta["shape"]), ST_DTYPES.get(meta["dtype"], (None, meta["dtype"].lower()))[1])

@@ -15,6 +15,7 @@ import contextlib
 import os
 import secrets
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -250,6 +251,34 @@ def write_atomic(dest: Path, writer: Writer, *, force: bool, protect: Iterable[P
         group.write(dest, writer, allowed=allowed, option=option)
 
 
+@contextlib.contextmanager
+def output_folder(folder: Path | None, *, create: bool = True, option: str = "--output-dir") -> Iterator[None]:
+    """Make ``folder`` (if missing; its parent must exist) for the block, and remove it again
+    if the block wrote nothing into it. ``None``, or ``create=False``: nothing to do.
+
+    Raises:
+        OutputError: It exists as a file, its parent is missing, or it cannot be made.
+    """
+    made = False
+    if folder is not None and create and not folder.is_dir():
+        if folder.exists():
+            raise OutputError(f"{folder}: exists and is not a folder.", hint=f"Give {option} a folder.")
+        if not folder.parent.is_dir():
+            raise OutputError(f"{folder}: folder {folder.parent} does not exist.",
+                              hint=f"Create it first (mkdir -p {folder}).")
+        try:
+            folder.mkdir()
+        except OSError as exc:
+            raise output_error(folder, exc, option=option) from None
+        made = True
+    try:
+        yield
+    finally:
+        if made and folder is not None:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: what this run wrote there stays
+
+
 def tensor_writer(tensor: torch.Tensor, dest: Path, *, key: str | None = None) -> Writer:
     """A writer of one tensor in the format of ``dest``'s extension, dtype kept.
 
@@ -271,8 +300,7 @@ def tensor_writer(tensor: torch.Tensor, dest: Path, *, key: str | None = None) -
             np.save(fh, tensor.numpy(), allow_pickle=False)
     elif suffix == ".npz":
         def writer(fh: BinaryIO) -> None:
-            # numpy's stub types **kwds against savez's allow_pickle flag; the key is a str.
-            np.savez(fh, **{name: tensor.numpy()})  # type: ignore[arg-type]
+            write_npz_members(fh, {name: tensor.numpy()})
     elif suffix == ".safetensors":
         from safetensors.torch import save
 
@@ -317,3 +345,12 @@ def save_state_dict(state: Mapping[str, torch.Tensor], dest: Path, *, force: boo
     """Write a state_dict as ``.pt`` (torch.save) or ``.safetensors``, atomically."""
     write_atomic(dest, state_writer(state, dest), force=force, protect=protect, allowed=STATE_OUTPUT_SUFFIXES,
                  option="--save-state")
+
+
+def write_npz_members(fh: BinaryIO, members: Mapping[str, np.ndarray]) -> None:
+    """An uncompressed ``.npz`` with the members in this order (what ``np.savez`` writes,
+    without its keyword arguments, so a member may be called ``file`` or ``allow_pickle``)."""
+    with zipfile.ZipFile(fh, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in members.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
