@@ -232,3 +232,50 @@ def test_compare_reads_stdin(runner: CliRunner, tmp_path: Path) -> None:
     res = runner.invoke(app, ["compare", "-", "--json"], input=npy_bytes(batch()))
     assert res.exit_code == 0, res.output
     assert {**json.loads(res.stdout), "input": None} == {**from_file, "input": None}
+
+
+class Endless(pyio.RawIOBase):
+    """An endless stream of one repeated chunk, counting the bytes handed out."""
+
+    def __init__(self, chunk: bytes) -> None:
+        self.chunk, self.served = chunk, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        out = (self.chunk * (size // len(self.chunk) + 1))[:size]
+        self.served += len(out)
+        return out
+
+
+def test_garbage_on_stdin_is_refused_from_its_first_bytes() -> None:
+    stream = Endless(bytes(range(7, 250)))  # no format starts like this; /dev/urandom, in effect
+    with pytest.raises(InputError, match=r"not a tensor file bncli reads \(it starts with b'\\x07\\x08"):
+        io.read_stdin(stream, limit=1 << 40)  # type: ignore[arg-type]
+    assert stream.served <= 1 << 20, "refused only after buffering the stream"
+
+
+@pytest.mark.parametrize("head", [b"\x93NUMPY\x01\x00", b"PK\x03\x04", b"\x80\x02",
+                                  b"\x10\x00\x00\x00\x00\x00\x00\x00{"])
+def test_a_plausible_start_is_read_to_the_cap(head: bytes) -> None:
+    stream = Endless(head + b"\x00" * 100)
+    with pytest.raises(InputError, match="holds more than 4 MiB"):
+        io.read_stdin(stream, limit=4 << 20)  # type: ignore[arg-type]
+
+
+def test_urandom_on_stdin_is_refused_at_once(tmp_path: Path) -> None:
+    with Path("/dev/urandom").open("rb") as fin:
+        proc = subprocess.run([*BNCLI, "normalize", "-", "-o", "-", "--format", "npy"], stdin=fin,
+                              capture_output=True, env=env(), timeout=60)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and proc.stdout == b"" and "not a tensor file bncli reads" in err
+
+
+def test_an_exported_model_on_stdin_is_named_as_one(runner: CliRunner, tmp_path: Path) -> None:
+    data = (Path(__file__).parents[1] / "sample_data" / "model.pt2").read_bytes()
+    res = runner.invoke(app, ["normalize", "-", "-o", str(tmp_path / "y.npy")], input=data)
+    text = " ".join(res.stderr.split())
+    assert res.exit_code == 1 and "<stdin>: holds an exported model (.pt2, torch.export.save)" in text
+    assert "bncli inspect model.pt2" in text and "bncli compare model.pt2 --data" in text
+    assert not (tmp_path / "y.npy").exists()

@@ -65,6 +65,23 @@ def stdin_limit() -> int:
                          f"for the default ({_size_text(DEFAULT_STDIN_LIMIT)}).") from None
 
 
+def _could_be_tensor_file(head: bytes) -> bool:
+    """Whether bytes starting with ``head`` (at least 9 of them) may be a format bncli reads.
+
+    Only the first bytes are looked at, so that garbage on standard input is refused at
+    once instead of after buffering it up to the cap.
+    """
+    if head.startswith((b"\x93NUMPY", b"PK", b"\x80")):
+        return True
+    (n,) = struct.unpack("<Q", head[:8])
+    return n >= 2 and head[8:9] == b"{"
+
+
+def _is_exported_model(names: list[str]) -> bool:
+    return any(n.split("/", 1)[-1] == "archive_format" for n in names) and \
+        any("/models/" in n or n.startswith("models/") for n in names)
+
+
 def detect_format(data: bytes, name: str = "<stdin>") -> str:
     """The tensor format these bytes hold, from their first bytes: ``.npy`` (``\\x93NUMPY``),
     ``.npz`` or ``.pt`` (a zip; torch.save's holds ``data.pkl``), ``.pt`` (torch's legacy
@@ -72,7 +89,8 @@ def detect_format(data: bytes, name: str = "<stdin>") -> str:
     length and a JSON header).
 
     Raises:
-        InputError: None of these.
+        InputError: None of these (an exported model, ``.pt2``, is named as one: bncli
+            reads those from a file only).
     """
     if data.startswith(b"\x93NUMPY"):
         return ".npy"
@@ -86,6 +104,11 @@ def detect_format(data: bytes, name: str = "<stdin>") -> str:
             return ".pt"
         if names and all(n.endswith(".npy") for n in names):
             return ".npz"
+        if _is_exported_model(names):
+            raise InputError(f"{name}: holds an exported model (.pt2, torch.export.save), not a tensor file; "
+                             "bncli reads exported models from a file only.",
+                             hint="Save it to a file, then audit it with bncli inspect model.pt2 or run it "
+                                  "over data with bncli compare model.pt2 --data batch.npy.")
     elif data.startswith(b"\x80"):
         return ".pt"
     elif len(data) >= 10:
@@ -96,9 +119,13 @@ def detect_format(data: bytes, name: str = "<stdin>") -> str:
                     return ".safetensors"
             except (UnicodeDecodeError, json.JSONDecodeError):
                 pass
-    raise InputError(f"{name}: not a tensor file bncli reads (it starts with {data[:8]!r}).",
-                     hint="Send a .npy, .npz, .pt or .safetensors file's bytes, e.g. "
-                          "bncli normalize - -o out.npy < batch.npy.")
+    raise _not_a_tensor_file(data, name)
+
+
+def _not_a_tensor_file(data: bytes, name: str) -> InputError:
+    return InputError(f"{name}: not a tensor file bncli reads (it starts with {data[:8]!r}).",
+                      hint="Send a .npy, .npz, .pt or .safetensors file's bytes, e.g. "
+                           "bncli normalize - -o out.npy < batch.npy.")
 
 
 def read_stdin(stream: BinaryIO | None = None, *, limit: int | None = None, name: str = "<stdin>") -> MemoryFile:
@@ -115,12 +142,18 @@ def read_stdin(stream: BinaryIO | None = None, *, limit: int | None = None, name
     limit = stdin_limit() if limit is None else limit
     parts: list[bytes] = []
     total = 0
+    sniffed = False
     while total <= limit:
         chunk = stream.read(min(_READ_BYTES, limit + 1 - total))
         if not chunk:
             break
         parts.append(chunk)
         total += len(chunk)
+        if not sniffed and total >= 9:  # refused now, not after buffering garbage up to the cap
+            sniffed = True
+            head = b"".join(parts)
+            if not _could_be_tensor_file(head):
+                raise _not_a_tensor_file(head, name)
     if total > limit:
         raise InputError(f"Standard input holds more than {_size_text(limit)}, the most bncli "
                          "buffers in memory.",
