@@ -81,7 +81,7 @@ def normalize_array(x: Any, *, mode: str = "train", layout: str = "nchw",
     engine and the same layer options as the command.
 
     Args:
-        x: A 4D NumPy array or torch tensor, float16/bfloat16/float32/float64.
+        x: A 4D NumPy array (or array-like) or torch tensor, float16/bfloat16/float32/float64.
         mode: ``train`` (batch statistics; the running ones updated) or ``eval``.
         layout: ``nchw``, or ``nhwc`` for channels-last arrays (the output is NHWC too).
         state: The layer's state to start from: a state_dict (bare keys, or a model's with
@@ -97,7 +97,8 @@ def normalize_array(x: Any, *, mode: str = "train", layout: str = "nchw",
 
     Raises:
         ShapeError, DTypeError: ``x`` is no BatchNorm2d input (the message says why, the
-            hint how to fix it). StateError: The state does not fit. TypeError: An
+            hint how to fix it; object/str arrays and integers are DTypeError). InputError:
+            A meta tensor (no values). StateError: The state does not fit. TypeError: An
             unknown option.
 
     Example:
@@ -106,6 +107,9 @@ def normalize_array(x: Any, *, mode: str = "train", layout: str = "nchw",
         >>> y, state = bncli.normalize_array(x)
         >>> y.shape, y.dtype, int(state["num_batches_tracked"])
         ((8, 3, 4, 4), dtype('float32'), 1)
+
+    A big-endian array is normalized in native byte order (same values; the output is
+    native); a sparse tensor as its dense values (the output is dense).
     """
     import numpy as np
     import torch
@@ -118,10 +122,38 @@ def normalize_array(x: Any, *, mode: str = "train", layout: str = "nchw",
     if mode not in ("train", "eval") or layout not in ("nchw", "nhwc"):
         raise ValueError(f"mode must be 'train' or 'eval' and layout 'nchw' or 'nhwc', got {mode!r}, {layout!r}")
     numpy_in = not isinstance(x, torch.Tensor)
-    tensor = torch.from_numpy(np.ascontiguousarray(x)) if numpy_in else x
+    tensor = torch.from_numpy(_native_numeric(np.asarray(x))) if numpy_in else x
+    if tensor.layout != torch.strided:  # sparse: the values are its dense ones, as io reads them
+        tensor = tensor.to_dense()
+    if tensor.is_meta:
+        from bncli.errors import InputError
+
+        raise InputError("<array>: a meta tensor has a shape and a dtype but no values to normalize.",
+                         hint="Pass the tensor with its data (e.g. after model.to_empty(device='cpu') and "
+                              "loading weights), or check its shape with bncli.check_shape.")
     engine, _ = core.prepare_tensor(tensor, mode=mode, layout=layout, engines=core.LayerEngine(opts))
     y = core.apply_tensor(engine, tensor, mode=mode, layout=layout)
     return (y.cpu().numpy() if numpy_in else y), engine.state_dict()
+
+
+def _native_numeric(array: Any) -> Any:
+    """A NumPy array torch can take: contiguous and in native byte order; no object/str data.
+
+    Raises:
+        DTypeError: The array holds no numbers (object, str, bytes or structured data).
+    """
+    import numpy as np
+
+    from bncli.errors import DTypeError
+
+    if array.dtype.kind not in "biufc":
+        raise DTypeError(f"<array>: The input has dtype {array.dtype.name} ({array.dtype.str}); "
+                         "BatchNorm2d needs float16, bfloat16, float32 or float64 numbers.",
+                         hint="Convert it first, e.g. x.astype(np.float32) (for an object array of "
+                              "equal-shaped arrays: np.stack(x)).")
+    if not array.dtype.isnative:  # a big-endian '>f4' file's array: same values, native order
+        array = array.astype(array.dtype.newbyteorder("="))
+    return np.ascontiguousarray(array)
 
 
 def inspect(path: str | os.PathLike[str], *, prefix: str | None = None, eps: float | None = None,

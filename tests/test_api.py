@@ -234,3 +234,30 @@ def test_normalize_array_on_cuda() -> None:
     assert y.device.type == "cuda" and all(v.device.type == "cpu" for v in state.values())
     module = torch.nn.BatchNorm2d(3).cuda()
     torch.testing.assert_close(y, module(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_array_takes_what_the_file_readers_take() -> None:
+    """Big-endian arrays and sparse tensors, which the io layer reads from files, work here too."""
+    x = np.random.default_rng(3).normal(2, 3, (4, 3, 5, 5)).astype(np.float32)
+    y, state = bncli.normalize_array(x)
+    y_be, state_be = bncli.normalize_array(x.astype(">f4"))
+    assert y_be.dtype == np.float32 and y_be.dtype.isnative and np.array_equal(y_be, y)
+    assert all(torch.equal(state[k], state_be[k]) for k in state)
+    t = torch.from_numpy(x)
+    y_sparse, _ = bncli.normalize_array(t.to_sparse())
+    assert y_sparse.layout == torch.strided and torch.equal(y_sparse, torch.from_numpy(y))
+    y_list, _ = bncli.normalize_array(x.astype(np.float64).tolist())
+    assert y_list.dtype == np.float64 and y_list.shape == x.shape
+
+
+@pytest.mark.parametrize(("x", "error", "message"), [
+    (np.zeros((2, 3, 4, 4), object), "DTypeError", "dtype object"),
+    (np.zeros((2, 3, 4, 4), "U3"), "DTypeError", "dtype str96"),
+    (torch.empty(2, 3, 4, 4, device="meta"), "InputError", "a meta tensor has a shape and a dtype but no values"),
+])
+def test_normalize_array_refuses_what_has_no_numbers(x: Any, error: str, message: str) -> None:
+    from bncli.errors import BncliError
+
+    with pytest.raises(BncliError, match=message) as info:
+        bncli.normalize_array(x)
+    assert type(info.value).__name__ == error and info.value.hint
