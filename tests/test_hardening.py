@@ -229,6 +229,70 @@ def test_head_minus_one_in_a_real_shell(many_inputs: list[str], tmp_path: Path) 
     assert (tmp_path / "err").read_text() == ""
 
 
+# Every command that writes files finishes them when its reader leaves first: the files are
+# committed and complete, then it exits 141. A pipe whose read end is closed before bncli starts
+# makes the very first report line fail, deterministically.
+WRITING_RUNS = {
+    "normalize": (["normalize", "{d}/batch.npy", "-o", "{t}/y.npy", "--save-state", "{t}/s.pt"], ["y.npy", "s.pt"]),
+    "normalize-many": (["normalize", "{t}/in", "--output-dir", "{t}/out", "--dataset-stats"],
+                       ["out/a.bn.npy", "out/b.bn.npy"]),
+    "normalize-stdout": (["normalize", "{d}/batch.npy", "-o", "-", "--format", "npy", "--save-state", "{t}/s.pt"],
+                         ["s.pt"]),
+    "stats": (["stats", "{d}/batch.npy", "--save-state", "{t}/s.pt"], ["s.pt"]),
+    "recalibrate": (["recalibrate", "{d}/model.pt2", "{d}/batch.npy", "-b", "8", "-o", "{t}/m.pt2",
+                     "--save-state", "{t}/s.pt"], ["m.pt2", "s.pt"]),
+    "fold": (["fold", "{d}/model.pt2", "-o", "{t}/f.pt2"], ["f.pt2"]),
+}
+
+
+@pytest.mark.parametrize("name", list(WRITING_RUNS))
+def test_a_closed_stdout_does_not_stop_a_command_that_writes(tmp_path: Path, name: str) -> None:
+    args, outputs = WRITING_RUNS[name]
+    (tmp_path / "in").mkdir()
+    for stem in "ab":
+        np.save(tmp_path / "in" / f"{stem}.npy", np.load(SAMPLES / "batch.npy"))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte
+    try:
+        proc = subprocess.run([*BNCLI, *(a.format(d=SAMPLES, t=tmp_path) for a in args)], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=300, env={**os.environ, "COLUMNS": "80"})
+    finally:
+        os.close(write_end)
+    assert proc.returncode == EXIT_PIPE, proc.stderr
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr
+    for out in outputs:
+        assert (tmp_path / out).stat().st_size > 0, out
+    if name == "normalize":
+        res = CliRunner().invoke(app, ["normalize", str(SAMPLES / "batch.npy"), "-o", str(tmp_path / "z.npy")])
+        assert res.exit_code == 0 and np.array_equal(np.load(tmp_path / "y.npy"), np.load(tmp_path / "z.npy"))
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name.startswith(".")], "temp files left"
+
+
+def test_normalize_into_head_minus_one_in_a_real_shell(tmp_path: Path) -> None:
+    script = (f'{sys.executable} -m bncli normalize {SAMPLES}/batch.npy -o {tmp_path}/y.npy 2>{tmp_path}/err '
+              '| head -1; echo "status=${PIPESTATUS[0]}"')
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "80"})
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("input ") and len(lines) == 2
+    assert lines[1] in ("status=0", f"status={EXIT_PIPE}")  # 0 if the report fit in the pipe before head left
+    assert np.load(tmp_path / "y.npy").shape == (16, 3, 32, 32)
+    assert (tmp_path / "err").read_text() == ""
+
+
+@pytest.mark.parametrize("args", [["check-shape", "{d}/batch.npy"], ["inspect", "{d}/model.pt"],
+                                  ["compare", "{d}/batch.npy"]])
+def test_a_command_that_only_reports_stops_at_a_closed_stdout(args: list[str]) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([*BNCLI, *(a.format(d=SAMPLES) for a in args)], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == EXIT_PIPE and proc.stderr == ""
+
+
 # -- defect 8: the rule first, in every command ------------------------------------------------
 RULE = "BatchNorm2d expects 4D input (N, C, H, W), got 3D input of shape (3, 32, 32)"
 

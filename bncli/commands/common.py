@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import typer
 
@@ -102,24 +102,99 @@ def os_failure(exc: OSError) -> typer.Exit:
                 "Check that the path exists and that you may read (or write) it.")
 
 
+class _PipeGuard:
+    """stdout that survives its reader going away (``bncli normalize X -o Y | head -1``).
+
+    A write or flush that meets a closed pipe silences stdout for the rest of the run
+    instead of raising: the work goes on and every output file is committed, whenever
+    the reader left (before, during or after the report); the command then exits
+    :data:`EXIT_PIPE`. Everything else is the wrapped stream's.
+    """
+
+    def __init__(self, stream: Any, state: dict[str, bool]) -> None:
+        self._stream, self._state = stream, state
+
+    def _closed(self) -> None:
+        if not self._state["closed"]:
+            self._state["closed"] = True
+            _silence_stdout()
+
+    def write(self, data: Any) -> int:
+        if not self._state["closed"]:
+            try:
+                return int(self._stream.write(data))
+            except OSError as exc:
+                if exc.errno != errno.EPIPE:
+                    raise
+                self._closed()
+        return len(data)
+
+    def flush(self) -> None:
+        if not self._state["closed"]:
+            try:
+                self._stream.flush()
+            except OSError as exc:
+                if exc.errno != errno.EPIPE:
+                    raise
+                self._closed()
+
+    @property
+    def buffer(self) -> Any:  # -o -: the binary data, guarded alike
+        return _PipeGuard(self._stream.buffer, self._state)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def guarded_stdout(enabled: bool = True) -> Iterator[dict[str, bool]]:
+    """Run with stdout wrapped in :class:`_PipeGuard` (if ``enabled``); yields its state (``closed``)."""
+    state = {"closed": False}
+    if not enabled:
+        yield state
+        return
+    original = sys.stdout
+    sys.stdout = _PipeGuard(original, state)
+    try:
+        yield state
+    finally:
+        sys.stdout = original
+
+
 def flush_stdout() -> None:
     """Flush stdout now, inside the error mapping, not at interpreter exit where it cannot be reported."""
     sys.stdout.flush()
 
 
-def handle_errors(func: F) -> F:
+@overload
+def handle_errors(func: F) -> F: ...
+@overload
+def handle_errors(*, writes: bool = ...) -> Callable[[F], F]: ...
+
+
+def handle_errors(func: F | None = None, *, writes: bool = False) -> Any:
     """Map every failure to one message and an exit code; ``--debug`` keeps the traceback.
 
-    Expected failures (:class:`BncliError`) exit 1 with a fix; OS errors on stdout exit
-    quietly (closed pipe) or 1 (full disk); anything else is a bug: one ``internal error``
-    line and :data:`EXIT_INTERNAL`.
+    ``@handle_errors`` for a command that only reports: a closed stdout (``| head -1``)
+    stops it there, exit :data:`EXIT_PIPE`. ``@handle_errors(writes=True)`` for one that
+    writes files: a closed stdout does not stop the work (:class:`_PipeGuard`); it
+    finishes, commits its files, then exits :data:`EXIT_PIPE`.
+
+    Expected failures (:class:`BncliError`) exit 1 with a fix; a closed stdout exits
+    :data:`EXIT_PIPE` quietly (see above for when); a full disk on stdout exits 1;
+    anything else is a bug: one ``internal error`` line and :data:`EXIT_INTERNAL`.
     """
+    if func is None:
+        return functools.partial(handle_errors, writes=writes)
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            result = func(*args, **kwargs)
-            flush_stdout()
+            with guarded_stdout(enabled=writes) as stdout:
+                result = func(*args, **kwargs)
+                flush_stdout()
+            if stdout["closed"]:  # the reader left; the work is done and its files are written
+                raise typer.Exit(EXIT_PIPE)
             return result
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # typer's own exits and usage errors (exit 2)
@@ -146,7 +221,7 @@ def handle_errors(func: F) -> F:
                 raise
             raise internal_error(exc) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 _SCALAR = r"(?:-?[0-9][0-9.eE+-]*|null|true|false)"

@@ -18,7 +18,7 @@ def _tolerance(value: float) -> float:
     return value
 
 
-@handle_errors
+@handle_errors(writes=True)
 def fold(
     model: ModelArg,
     output: Annotated[Path | None, typer.Option(

@@ -42,7 +42,7 @@ from bncli.commands.options import (
 OWN_OUTPUTS = ("*.bn.*",)
 
 
-@handle_errors
+@handle_errors(writes=True)
 def normalize(
     inputs: NormalizeInputsArg,
     output: Annotated[Path | None, typer.Option(

@@ -19,7 +19,7 @@ from bncli.commands.model_options import (
 from bncli.commands.options import ForceOpt, JsonOpt, KeyOpt
 
 
-@handle_errors
+@handle_errors(writes=True)
 def recalibrate(
     model: ModelArg,
     data: DataArgs,

@@ -20,7 +20,7 @@ from bncli.commands.options import (
 )
 
 
-@handle_errors
+@handle_errors(writes=True)
 def stats(
     inputs: InputsArg,
     key: KeyOpt = None,
