@@ -414,3 +414,80 @@ def test_completion_completes_commands_and_choices() -> None:
         env = {**os.environ, "_BNCLI_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": cword}
         proc = subprocess.run([str(script)], capture_output=True, text=True, env=env, timeout=120)
         assert expected in proc.stdout.split(), (words, proc.stdout, proc.stderr)
+
+
+# -- --json on failure: one JSON document on stdout as well --------------------------------------
+JSON_FAILURES = {
+    "normalize": ["normalize", "{t}/missing.npy", "-o", "{t}/y.npy", "--json"],
+    "normalize-not-4d": ["normalize", "{d}/image.npy", "-o", "{t}/y.npy", "--json"],
+    "compare": ["compare", "{d}/image.npy", "--json"],
+    "compare-model": ["compare", "{d}/batch.npy", "--data", "{d}/batch.npy", "--json"],
+    "stats": ["stats", "{t}/missing.npy", "--json"],
+    "recalibrate": ["recalibrate", "{d}/batch.npy", "{d}/batch.npy", "--json"],
+    "fold": ["fold", "{d}/batch.npy", "--json"],
+    "check-shape-empty-folder": ["check-shape", "{t}/empty", "--json"],
+    "inspect-empty-folder": ["inspect", "{t}/empty", "--json"],
+    "bench": ["bench", "--device", "cuda", "--json"] if not os.environ.get("CUDA_VISIBLE_DEVICES") else [],
+}
+
+
+@pytest.mark.parametrize("name", list(JSON_FAILURES))
+def test_json_failures_print_one_error_document(runner: CliRunner, tmp_path: Path, name: str) -> None:
+    args = JSON_FAILURES[name]
+    if name == "bench":
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is there; bench would not fail")
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, [a.format(d=SAMPLES, t=tmp_path) for a in args])
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    assert set(doc) == {"error"} and doc["error"]["exit_code"] == 1
+    stderr = " ".join(result.stderr.split())
+    assert stderr.startswith("Error: " + " ".join(doc["error"]["message"].split()))
+    assert doc["error"]["hint"] and " ".join(doc["error"]["hint"].split()) in stderr
+
+
+def test_json_internal_error_and_interrupt_documents(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bncli import api as diagnose  # where check-shape finds check_file
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(diagnose, "check_file", boom)
+    result = runner.invoke(app, ["check-shape", str(SAMPLES / "batch.npy"), "--json"])
+    assert result.exit_code == EXIT_INTERNAL
+    assert json.loads(result.stdout)["error"]["message"] == "internal error (ZeroDivisionError: a bug)."
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diagnose, "check_file", interrupted)
+    result = runner.invoke(app, ["check-shape", str(SAMPLES / "batch.npy"), "--json"])
+    assert result.exit_code == 130 and json.loads(result.stdout)["error"]["exit_code"] == 130
+
+
+def test_without_json_a_failure_leaves_stdout_empty(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["normalize", str(tmp_path / "missing.npy"), "-o", str(tmp_path / "y.npy")])
+    assert result.exit_code == 1 and result.stdout == ""
+
+
+def test_a_document_already_printed_is_not_followed_by_an_error_document(runner: CliRunner, tmp_path: Path) -> None:
+    np.save(tmp_path / "good.npy", np.load(SAMPLES / "batch.npy"))
+    np.save(tmp_path / "bad.npy", np.zeros((3, 4, 4), np.float32))
+    result = runner.invoke(app, ["normalize", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)  # exactly one document: the run's, with the failed file's error in it
+    assert [f["error"] is None for f in doc["files"]] == [False, True] and "exit_code" not in json.dumps(doc)
+
+
+def test_inspect_takes_a_folder_of_checkpoints(runner: CliRunner, tmp_path: Path) -> None:
+    for name in ("model.pt", "broken.ckpt", "model.pt2", "batch.npy"):
+        (tmp_path / name).write_bytes((SAMPLES / name).read_bytes())
+    result = runner.invoke(app, ["inspect", str(tmp_path), "--json"])
+    assert result.exit_code == 1  # broken.ckpt fails
+    assert [Path(r["path"]).name for r in json.loads(result.stdout)] == ["broken.ckpt", "model.pt", "model.pt2"]
+    result = runner.invoke(app, ["inspect", str(tmp_path), "--glob", "*.pt", "--json"])
+    assert result.exit_code == 0 and [Path(r["path"]).name for r in json.loads(result.stdout)] == ["model.pt"]

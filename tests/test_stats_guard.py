@@ -66,7 +66,7 @@ def test_pooling_unit_floats_with_uint8_pixels_is_refused(runner: CliRunner, tmp
     for extra in ([], ["--json"]):
         res = runner.invoke(app, ["stats", str(tmp_path / "batch.npy"), str(tmp_path / "batch_uint8.npy"), *extra])
         assert res.exit_code == 1
-        assert res.stdout == ""
+        assert (json.loads(res.stdout)["error"]["exit_code"] == 1) if extra else res.stdout == ""
         err = res.stderr
         assert err.startswith("Error: The inputs have 2 different dtypes (float32: ")
         assert "batch.npy; uint8: " in err and "batch_uint8.npy)" in err and "[0, 255]" in err

@@ -55,9 +55,23 @@ def print_error(message: str, hint: str | None = None) -> None:
         err.print(f"[yellow]Fix:[/] {escape(hint)}")
 
 
+#: The running command's ``--json`` (and whether its document is out yet): a failure
+#: with ``--json`` also goes to stdout, as the one JSON document a script reads.
+_RUN = {"json": False, "printed": False}
+
+
 def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
-    """Print one red error line (and the fix) on stderr; return the Exit to raise."""
+    """Print one red error line (and the fix) on stderr; return the Exit to raise.
+
+    With ``--json``, and no JSON document printed yet, stdout gets one too:
+    ``{"error": {"message", "hint", "exit_code"}}``, so a script's parser never meets
+    an empty stdout.
+    """
     print_error(message, hint)
+    if _RUN["json"] and not _RUN["printed"]:
+        with contextlib.suppress(OSError):  # stdout itself may be what failed
+            print_json({"error": {"message": message, "hint": hint, "exit_code": code}})
+            sys.stdout.flush()
     return typer.Exit(code)
 
 
@@ -189,6 +203,10 @@ def handle_errors(func: F | None = None, *, writes: bool = False) -> Any:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # -o - fills stdout with data: no JSON there (normalize refuses --json with it anyway).
+        output = kwargs.get("output")
+        _RUN.update(json=bool(kwargs.get("as_json")) and not (output is not None and os.fspath(output) == "-"),
+                    printed=False)
         try:
             with guarded_stdout(enabled=writes) as stdout:
                 result = func(*args, **kwargs)
@@ -259,6 +277,7 @@ def to_json(doc: Any) -> str:
 
 def print_json(doc: Any) -> None:
     """Exactly one JSON document on stdout (and nothing else there)."""
+    _RUN["printed"] = True
     sys.stdout.write(to_json(doc) + "\n")
 
 

@@ -9,7 +9,10 @@ from typing import Annotated
 import typer
 
 from bncli.commands.common import handle_errors, print_error, print_json
-from bncli.commands.options import JsonOpt, check_momentum, parse_eps, parse_momentum
+from bncli.commands.options import JsonOpt, check_momentum, parse_eps, parse_glob_option, parse_momentum
+
+#: What a folder given to ``inspect`` contributes by default: checkpoints and exported models.
+CHECKPOINT_GLOB = "*.pt,*.pth,*.ckpt,*.safetensors,*.pt2"
 
 
 class FailOn(str, Enum):
@@ -28,7 +31,8 @@ def inspect(
     checkpoints: Annotated[list[Path], typer.Argument(
         help="Checkpoints: .pt/.pth, Lightning .ckpt, .safetensors (a state_dict, a nested "
              "{'model': ...}/{'state_dict': ...}, module./_orig_mod. prefixes); exported "
-             "models: .pt2 (torch.export.save), read without running their code.",
+             "models: .pt2 (torch.export.save), read without running their code. A folder "
+             "means the checkpoints directly inside it (see --glob).",
         show_default=False, metavar="MODEL...", readable=False)],
     prefix: Annotated[str | None, typer.Option(
         "--prefix", metavar="NAME",
@@ -45,6 +49,10 @@ def inspect(
     fail_on: Annotated[FailOn, typer.Option(
         "--fail-on", help="Exit 1 on an error finding (default), or on any warning too (for CI).")
     ] = FailOn.error,
+    glob: Annotated[str | None, typer.Option(
+        "--glob", metavar="PATTERNS", callback=parse_glob_option, show_default=CHECKPOINT_GLOB,
+        help="Files to take from a folder: comma-separated patterns, e.g. 'epoch_*.ckpt'. "
+             "Sub-folders are not searched; files named directly are always taken.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Audit every BatchNorm layer of MODEL: running stats, weights, counters.
@@ -69,8 +77,13 @@ def inspect(
         bncli inspect model.pt2
 
         bncli inspect ckpts/*.pt --eps 1e-3 --momentum 0.01 --fail-on warning
+
+        bncli inspect runs/ --glob 'epoch_*.ckpt' --json
     """
     from bncli import api
+    from bncli.io.inputs import expand_inputs
+
+    checkpoints = expand_inputs(checkpoints, glob=glob or CHECKPOINT_GLOB)
 
     m = api.ASSUMED if momentum is None else parse_momentum(momentum)
     if (eps is not None or momentum is not None) and any(p.suffix.lower() == ".pt2" for p in checkpoints):
